@@ -1,0 +1,166 @@
+"""``carlrar`` command line: train, evaluate, predict, methods.
+
+Errors in the user's input print one line (``error: ...``) and exit with status 2; nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from carlrar.errors import UserError
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def cmd_train(argv: list[str]):
+    from carlrar.config import TrainConfig, parse_args
+    from carlrar.methods import METHODS, config_classes
+    from carlrar.train import train
+
+    parsed = parse_args((TrainConfig, *config_classes()), argv)
+    cfg = parsed[0]
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    method_config = next(c for c in parsed[1:] if isinstance(c, METHODS[cfg.method].config_class))
+    train(cfg, method_config)
+
+
+def _model_and_data(args):
+    """The trained model, its tokenizer, and the requested split with labels mapped onto the model's."""
+    from transformers import AutoTokenizer
+
+    from carlrar.data import EncodedSplit, Split, encode_labels, load_dataset, read_examples
+    from carlrar.models import load_trained
+
+    model = load_trained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if args.file:
+        texts, raw = read_examples(Path(args.file), [args.text_column], args.label_column)
+        to_id = {n: i for i, n in enumerate(names)}
+        if not set(raw) <= set(to_id) and all(r.isdigit() and int(r) < len(names) for r in raw):
+            to_id = {str(i): i for i in range(len(names))}  # labels given as ids
+        split = Split(texts, encode_labels(raw, to_id, args.file), args.file)
+    else:
+        ds = load_dataset(args.dataset, args.data_dir)
+        split = ds.split(args.split)
+        extra = sorted(set(ds.label_names) - set(names))
+        if extra:
+            raise UserError(f"dataset {args.dataset!r} has labels the model does not know: {', '.join(extra)}")
+        remap = [names.index(n) for n in ds.label_names]
+        split = Split(split.texts, [remap[y] for y in split.labels], split.source)
+    return model, tokenizer, names, EncodedSplit(split, tokenizer, args.max_length)
+
+
+def cmd_evaluate(argv: list[str]):
+    from carlrar.evaluate import evaluate_split, print_metrics
+
+    p = argparse.ArgumentParser(prog="carlrar evaluate", description="accuracy, macro-F1, per-class, confusion")
+    p.add_argument("--model", required=True, help="output directory of carlrar train (or any HF classifier)")
+    _data_args(p)
+    p.add_argument("--output", help="JSON file for the metrics (default MODEL/eval_<dataset>_<split>.json)")
+    args = p.parse_args(argv)
+    model, tokenizer, names, data = _model_and_data(args)
+    metrics = evaluate_split(model, data, names, tokenizer.pad_token_id, args.batch_size, progress="evaluate")
+    tag = Path(args.file).stem if args.file else f"{args.dataset}_{args.split}"
+    out = Path(args.output or Path(args.model) / f"eval_{tag}.json")
+    out.write_text(json.dumps({"model": str(args.model), "data": tag, **metrics}, indent=2))
+    print_metrics(metrics, names, f"{args.model} on {tag}")
+    print(f"metrics written to {out}", file=sys.stderr)
+
+
+def cmd_predict(argv: list[str]):
+    import torch
+
+    from carlrar.data import Collator, eval_batches, read_examples
+    from carlrar.models import load_trained
+    from transformers import AutoTokenizer
+
+    p = argparse.ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
+    p.add_argument("--model", required=True)
+    p.add_argument("--file", help="CSV/TSV/JSONL (uses --text-column) or plain text, one per line; default stdin")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--output", help="JSONL output file (default stdout)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.file and Path(args.file).suffix in (".csv", ".tsv", ".jsonl"):
+        texts, _ = read_examples(Path(args.file), [args.text_column], None, need_labels=False)
+    else:
+        try:
+            raw = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
+        except FileNotFoundError:
+            raise UserError(f"{args.file}: file not found") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{args.file or 'stdin'}: not valid UTF-8") from None
+        texts = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"{args.file or 'stdin'}: no text to predict")
+    model, tokenizer = load_trained(args.model), AutoTokenizer.from_pretrained(args.model)
+    model.eval()
+    ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    probs = torch.empty(len(texts), model.config.num_labels)
+    collate = Collator(tokenizer.pad_token_id)
+    with torch.no_grad():
+        for idx in eval_batches([len(x) for x in ids], args.batch_size):
+            batch = collate([{"input_ids": ids[i], "label": 0, "index": i} for i in idx])
+            probs[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.softmax(-1)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    lines = [json.dumps({"text": t, "label": names[int(p.argmax())],
+                         "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) for t, p in zip(texts, probs)]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        print("\n".join(lines))
+
+
+def cmd_methods(argv: list[str]):
+    from carlrar.methods import METHODS
+
+    for name, cls in METHODS.items():
+        print(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def _data_args(p: argparse.ArgumentParser):
+    p.add_argument("--dataset", default="sst2", help="named dataset (default sst2)")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--data-dir", help="folder with the dataset folders (default $CARLRAR_DATA_DIR, then the hub)")
+    p.add_argument("--file", help="a labelled CSV/TSV/JSONL file instead of --dataset")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: carlrar {" + ",".join(COMMANDS) + "} [options]   (carlrar COMMAND --help for options)",
+              file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    _quiet_libraries()
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

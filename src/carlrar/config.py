@@ -1,0 +1,132 @@
+"""Run configuration: dataclasses are the single source for CLI flags, YAML keys and their documentation.
+
+``HfArgumentParser`` turns the fields into ``--flag`` / ``--flag_name`` options; a ``--config run.yaml`` and a
+``--preset NAME`` (``carlrar/presets/NAME.yaml``) supply defaults, and flags given on the command line win.
+Precedence: dataclass default < preset < config file < command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from carlrar.errors import UserError
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = _f("base", "training method (see `carlrar methods`)")
+    model: str = _f("minilm", "HF hub name, local directory, or alias: minilm, albert-base-v2, albert-base-v2-scratch")
+    output_dir: str | None = _f(None, "where the model, config and metrics go (default runs/<dataset>-<method>)")
+    # data
+    dataset: str | None = _f(None, "named dataset: sst2, sst2-sentence, agnews, yelp-p, yahoo")
+    data_dir: str | None = _f(None, "folder with the dataset folders (default $CARLRAR_DATA_DIR, then the hub)")
+    train_file: str | None = _f(None, "generic CSV/TSV (with header) or JSONL training file")
+    dev_file: str | None = _f(None, "generic dev file (default: a seeded 10%% of train)")
+    test_file: str | None = _f(None, "generic test file")
+    text_column: str = _f("text", "text column / key of generic files")
+    label_column: str = _f("label", "label column / key of generic files (names or ids)")
+    train_subset: int | None = _f(None, "train on a seeded random subset of this many examples")
+    max_length: int = _f(128, "truncate inputs to this many tokens")
+    group_by_length: bool = _f(True, "length-grouped batches (sort within chunks of 100 batches); --no_group_by_length off")
+    # optimisation (paper: Adam, lr 1e-5, batch 32; 16 for AG News)
+    lr: float = _f(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and LayerNorm)")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up, then linear decay to 0")
+    batch_size: int = _f(32, "examples per optimiser step per process, before accumulation")
+    grad_accum: int = _f(1, "gradient accumulation steps (effective batch = batch_size × grad_accum × processes)")
+    epochs: float = _f(3.0, "training epochs (ignored when --max_steps > 0)")
+    max_steps: int = _f(0, "stop after this many optimiser steps (0: use --epochs)")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    seed: int = _f(42, "seed for init, data order and perturbations")
+    # evaluation, logging, checkpoints
+    eval_steps: int = _f(500, "evaluate on dev every N steps (0: only at epoch ends); the best model is kept")
+    eval_batch_size: int = _f(128, "batch size for evaluation")
+    log_steps: int = _f(50, "log loss / examples/s / fraction of peak every N steps")
+    threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    overwrite: bool = _f(False, "start afresh even if output_dir holds a finished or interrupted run")
+    # where the values came from
+    config: str | None = _f(None, "YAML file of defaults; command-line flags win")
+    preset: str | None = _f(None, "named preset (carlrar/presets/*.yaml), e.g. the paper's Table 1 settings")
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.dataset or Path(self.train_file or 'files').stem}-{self.method}")
+
+
+def _coerce(value, tp, where: str):
+    """Check a YAML value against a field type; a wrong value is a one-line error naming the key."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None and type(None) in typing.get_args(tp):
+        return None
+    tp = args[0] if args else tp
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
+
+
+def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value")
+    fields = {f.name: hints[f.name] for c in classes
+              for hints in [typing.get_type_hints(c)] for f in dataclasses.fields(c)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{path}: unknown option {key!r}")
+        out[name] = _coerce(value, fields[name], f"{path}: {key}")
+    return out
+
+
+def parse_args(classes: tuple[type, ...], argv: list[str], prog: str = "carlrar train"):
+    """Parse ``argv`` into one instance per dataclass, applying --preset and --config defaults first."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(classes, prog=prog)
+    first, _ = parser.parse_known_args(argv)
+    defaults = {}
+    if getattr(first, "preset", None):
+        path = PRESETS / f"{first.preset}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise UserError(f"unknown preset {first.preset!r} (known: {known})")
+        defaults.update(read_yaml_defaults(path, classes))
+    if getattr(first, "config", None):
+        defaults.update(read_yaml_defaults(Path(first.config), classes))
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def to_dict(*configs) -> dict:
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+
+def write_yaml(path: Path, data: dict):
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+

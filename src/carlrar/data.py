@@ -1,0 +1,395 @@
+"""Datasets → labelled examples with a stable index, tokenised once, batched by length.
+
+Where data comes from, in order: ``--train-file/--dev-file/--test-file`` (generic CSV/TSV/JSONL), then a named
+dataset from ``--data-dir`` or ``$CARLRAR_DATA_DIR`` (the layouts of ``shared/data``), then the Hugging Face hub.
+Every training example keeps its position in the train split as ``index``: CARL's memory banks are rows by index.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from carlrar.errors import UserError
+
+SPLITS = ("train", "dev", "test")
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass
+class Split:
+    """Texts and integer labels of one split; ``index[i]`` is example i's position in this split."""
+
+    texts: list[str]
+    labels: list[int]
+    source: str
+
+    def __len__(self):
+        return len(self.texts)
+
+
+@dataclass
+class TextDataset:
+    name: str
+    label_names: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+    unlabelled: dict[str, str] = field(default_factory=dict)  # split → file that has no label column
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raw = self.unlabelled.get(name)
+            why = f" ({raw} has no labels)" if raw else " (no such file)"
+            raise UserError(f"dataset {self.name!r} has no labelled {name!r} split{why}; "
+                            f"available: {', '.join(self.splits)}")
+        return self.splits[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Named datasets: the layouts of shared/data (see its README) and their hub equivalents.
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str
+    files: dict[str, tuple[str, ...]]  # split → candidate file names, first existing wins
+    header: bool
+    text_columns: tuple  # column names (header) or positions (headerless), joined with a space
+    label_column: str | int
+    labels: tuple[tuple[str, str], ...] = ()  # (raw value, name) in label-id order; empty → from train
+    unescape_newlines: bool = False  # Yelp / Yahoo store newlines as a literal backslash-n
+    hub: tuple = ()  # (path, config) for datasets.load_dataset
+
+
+SENTIMENT = (("0", "negative"), ("1", "positive"))
+DATASETS: dict[str, DatasetSpec] = {
+    "sst2": DatasetSpec("sst2_glue", {"train": ("train.tsv",), "dev": ("dev.tsv",), "test": ("test.tsv",)},
+                        True, ("sentence",), "label", SENTIMENT, hub=("glue", "sst2")),
+    "sst2-sentence": DatasetSpec("sst2_sentence", {"train": ("train.tsv",), "dev": ("dev.tsv",),
+                                                   "test": ("test.tsv",)},
+                                 True, ("sentence",), "label", SENTIMENT),
+    "agnews": DatasetSpec("ag_news", {"train": ("train.csv",), "dev": ("dev.csv",),
+                                      "test": ("test.csv", "test_500_per_class.csv")},
+                          False, (1, 2), 0, (("1", "World"), ("2", "Sports"), ("3", "Business"), ("4", "Sci/Tech")),
+                          hub=("ag_news", None)),
+    "yelp-p": DatasetSpec("yelp_polarity", {"train": ("train.csv", "train_first200.csv"), "dev": ("dev.csv",),
+                                            "test": ("test.csv", "test_first20.csv")},
+                          False, (1,), 0, (("1", "negative"), ("2", "positive")), unescape_newlines=True,
+                          hub=("yelp_polarity", None)),
+    "yahoo": DatasetSpec("yahoo_answers", {"train": ("train.csv", "train_2topics.csv"), "dev": ("dev.csv",),
+                                           "test": ("test.csv", "test_2topics.csv")},
+                         False, (0,), 1, unescape_newlines=True, hub=("yahoo_answers_topics", None)),
+}
+DEV_FRACTION_WHEN_MISSING = 0.1  # Yelp-P / Yahoo samples ship without dev: carve a seeded dev from train
+
+
+def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None, list[tuple[int, list]]]:
+    """Read CSV / TSV / JSONL rows as (line number, fields); JSONL rows are dicts. Errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{path}: file is empty")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        return None, rows
+    tsv = path.suffix == ".tsv"
+    reader = csv.reader(text.splitlines(), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    rows = [(n, r) for n, r in enumerate(reader, 1) if r]
+    if header is None:
+        header = True
+    columns = [c.strip() for c in rows.pop(0)[1]] if header else None
+    if header and not rows:
+        raise UserError(f"{path}: file has a header but no rows")
+    return columns, rows
+
+
+def read_examples(path: Path, text_columns, label_column, header: bool | None = None,
+                  unescape_newlines: bool = False, need_labels: bool = True) -> tuple[list[str], list[str]]:
+    """Texts and raw label strings from one file. Rows with empty text are dropped with a one-line warning."""
+    columns, rows = read_table(path, header)
+
+    def position(col):
+        if columns is None or isinstance(col, int):
+            return col
+        if col not in columns:
+            raise UserError(f"{path}: no column {col!r} (columns: {', '.join(columns)})")
+        return columns.index(col)
+
+    texts, labels, empty = [], [], []
+    if columns is None and rows and isinstance(rows[0][1], dict):  # JSONL
+        for col in list(text_columns) + ([label_column] if need_labels else []):
+            if col not in rows[0][1]:
+                raise UserError(f"{path}:{rows[0][0]}: no key {col!r} (keys: {', '.join(rows[0][1])})")
+        get = lambda r, c: r.get(c)  # noqa: E731
+    else:
+        text_columns = [position(c) for c in text_columns]
+        label_column = position(label_column) if need_labels else None
+        get = lambda r, c: r[c] if c < len(r) else None  # noqa: E731
+    for n, row in rows:
+        parts = [get(row, c) for c in text_columns]
+        if any(p is None for p in parts) or (need_labels and get(row, label_column) is None):
+            raise UserError(f"{path}:{n}: row has too few fields")
+        text = " ".join(str(p).strip() for p in parts).strip()
+        if unescape_newlines:
+            text = text.replace("\\n", " ").strip()
+        if not text:
+            empty.append(n)
+            continue
+        texts.append(text)
+        labels.append(str(get(row, label_column)).strip() if need_labels else "")
+    if empty:
+        print(f"warning: {path}: dropped {len(empty)} row(s) with empty text (line {', '.join(map(str, empty[:5]))}"
+              f"{', ...' if len(empty) > 5 else ''})", file=sys.stderr)
+    if not texts:
+        raise UserError(f"{path}: no rows with text")
+    return texts, labels
+
+
+def label_map_from(raw_labels: list[str], fixed: tuple = ()) -> tuple[list[str], dict[str, int]]:
+    """Label names in id order and raw value → id. Integer-like labels sort numerically, names alphabetically."""
+    if fixed:
+        return [name for _, name in fixed], {raw: i for i, (raw, _) in enumerate(fixed)}
+    values = sorted(set(raw_labels), key=lambda v: (0, int(v), v) if v.lstrip("-").isdigit() else (1, 0, v))
+    return values, {v: i for i, v in enumerate(values)}
+
+
+def encode_labels(raw: list[str], to_id: dict[str, int], where: str) -> list[int]:
+    unknown = sorted(set(raw) - set(to_id))
+    if unknown:
+        raise UserError(f"{where}: unknown label(s) {', '.join(map(repr, unknown[:5]))} "
+                        f"(known: {', '.join(map(repr, to_id))})")
+    return [to_id[r] for r in raw]
+
+
+def check_train(ds: TextDataset) -> TextDataset:
+    train = ds.splits["train"]
+    if len(set(train.labels)) < 2:
+        raise UserError(f"{train.source}: only one class ({ds.label_names[train.labels[0]]!r}) in train; "
+                        "a classifier needs at least two")
+    return ds
+
+
+def carve_dev(texts, labels, seed: int = 0):
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, int(len(order) * DEV_FRACTION_WHEN_MISSING))
+    dev, train = sorted(order[:n_dev]), sorted(order[n_dev:])
+    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
+    return (pick(train, texts), pick(train, labels)), (pick(dev, texts), pick(dev, labels))
+
+
+def load_files(train_file, dev_file=None, test_file=None, text_column="text", label_column="label",
+               name="files") -> TextDataset:
+    """Generic CSV/TSV (with header) or JSONL files. Without a dev file, 10% of train (seeded) becomes dev."""
+    files = {"train": train_file, "dev": dev_file, "test": test_file}
+    if not train_file:
+        raise UserError("--train-file is required when no --dataset is given")
+    read = {s: read_examples(Path(f), [text_column], label_column) for s, f in files.items() if f}
+    names, to_id = label_map_from(read["train"][1])
+    if "dev" not in read:
+        read["train"], read["dev"] = carve_dev(*read["train"])
+        files["dev"] = f"{train_file} (seeded 10% held out)"
+    ds = TextDataset(name, names)
+    for split, (texts, raw) in read.items():
+        ds.splits[split] = Split(texts, encode_labels(raw, to_id, str(files[split])), str(files[split]))
+    return check_train(ds)
+
+
+def load_named(name: str, data_dir: str | None = None) -> TextDataset:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)}; or pass --train-file)")
+    spec = DATASETS[name]
+    root = data_dir or os.environ.get("CARLRAR_DATA_DIR")
+    folder = Path(root) / spec.folder if root else None
+    if folder is not None and folder.is_dir():
+        return _load_local(name, spec, folder)
+    return _load_hub(name, spec, folder)
+
+
+def _load_local(name: str, spec: DatasetSpec, folder: Path) -> TextDataset:
+    found = {s: next((folder / f for f in spec.files[s] if (folder / f).is_file()), None) for s in SPLITS}
+    if found["train"] is None:
+        raise UserError(f"{folder}: no train file (looked for {', '.join(spec.files['train'])})")
+    read, unlabelled = {}, {}
+    for split, path in found.items():
+        if path is None:
+            continue
+        if spec.header and split == "test" and spec.label_column not in read_table(path, True)[0]:
+            unlabelled[split] = str(path)  # the GLUE SST-2 test split ships without labels
+            continue
+        read[split] = read_examples(path, spec.text_columns, spec.label_column, spec.header, spec.unescape_newlines)
+    names, to_id = label_map_from(read["train"][1], spec.labels)
+    sources = {s: str(p) for s, p in found.items() if p}
+    if "dev" not in read:
+        read["train"], read["dev"] = carve_dev(*read["train"])
+        sources["dev"] = f"{found['train']} (seeded 10% held out)"
+    ds = TextDataset(name, names, unlabelled=unlabelled)
+    for split, (texts, raw) in read.items():
+        ds.splits[split] = Split(texts, encode_labels(raw, to_id, sources[split]), sources[split])
+    return check_train(ds)
+
+
+# The paper's subset sizes per class (train, dev, test); None = the full split.
+HUB_SUBSETS = {"agnews": (15000, 500, 500), "yelp-p": (30000, 1000, 1000), "yahoo": (12000, 400, 400)}
+YAHOO_TOPICS = 5  # the paper uses 5 of the 10 topics; we take topic ids 0-4
+
+
+def _load_hub(name: str, spec: DatasetSpec, looked_in: Path | None) -> TextDataset:
+    where = f"{looked_in} does not exist" if looked_in else "CARLRAR_DATA_DIR is not set"
+    hint = (f"no local copy of {name!r} ({where}) and the Hugging Face hub is unreachable; "
+            f"point --data-dir or CARLRAR_DATA_DIR at a folder holding {spec.folder}/")
+    if not spec.hub or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(hint)
+    try:
+        import datasets
+
+        hub = datasets.load_dataset(*[p for p in spec.hub if p])
+    except Exception as e:  # any network / hub failure is the same user-facing problem
+        raise UserError(f"{hint} ({type(e).__name__})") from None
+    text_key = {"sst2": "sentence", "yelp-p": "text", "agnews": "text"}.get(name)
+    if name == "yahoo":
+        names = hub["train"].features["topic"].names[:YAHOO_TOPICS]
+        cols = lambda d: ([" ".join([a, b, c]) for a, b, c in  # noqa: E731
+                           zip(d["question_title"], d["question_content"], d["best_answer"])], d["topic"])
+    else:
+        names = hub["train"].features["label"].names
+        cols = lambda d: (d[text_key], d["label"])  # noqa: E731
+    ds = TextDataset(name, [spec.labels[i][1] if spec.labels else n for i, n in enumerate(names)])
+    if name == "sst2":
+        for split, hub_split in (("train", "train"), ("dev", "validation")):
+            texts, labels = cols(hub[hub_split])
+            ds.splits[split] = Split([t.strip() for t in texts], list(labels), f"hub:glue/sst2/{hub_split}")
+        return check_train(ds)
+    n_train, n_dev, n_test = HUB_SUBSETS[name]
+    rng = random.Random(0)
+    train_pool, test_pool = cols(hub["train"]), cols(hub["test"])
+    for split, pool, counts in (("train", train_pool, (n_train, n_dev)), ("test", test_pool, (n_test,))):
+        by_label = {c: [i for i, y in enumerate(pool[1]) if y == c] for c in range(len(names))}
+        for c in by_label:
+            rng.shuffle(by_label[c])
+        start = 0
+        for part, n in zip((split, "dev") if split == "train" else (split,), counts):
+            idx = sorted(i for c in by_label for i in by_label[c][start:start + n])
+            rng.shuffle(idx)
+            ds.splits[part] = Split([pool[0][i].replace("\\n", " ").strip() for i in idx],
+                                    [pool[1][i] for i in idx], f"hub:{spec.hub[0]}/{split} (seeded subset)")
+            start += n
+    return check_train(ds)
+
+
+def load_dataset(dataset: str | None = None, data_dir: str | None = None, train_file=None, dev_file=None,
+                 test_file=None, text_column="text", label_column="label") -> TextDataset:
+    if train_file or not dataset:
+        return load_files(train_file, dev_file, test_file, text_column, label_column)
+    return load_named(dataset, data_dir)
+
+
+def subset(split: Split, n: int | None, seed: int) -> Split:
+    """A seeded random subset of n examples (indices are re-numbered 0..n-1)."""
+    if not n or n >= len(split):
+        return split
+    idx = sorted(random.Random(seed).sample(range(len(split)), n))
+    return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], f"{split.source} (seeded {n})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenise once, pad per batch, group by length.
+
+
+class EncodedSplit(torch.utils.data.Dataset):
+    """Token ids of a split, tokenised once; items carry label and dataset index."""
+
+    def __init__(self, split: Split, tokenizer, max_length: int):
+        enc = tokenizer(split.texts, truncation=True, max_length=max_length)
+        self.input_ids = enc["input_ids"]
+        self.labels = split.labels
+        self.lengths = [len(ids) for ids in self.input_ids]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
+
+
+class Collator:
+    """Pad a list of items to the longest in the batch (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items):
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+            mask[row, : len(it["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([it["label"] for it in items]),
+                "index": torch.tensor([it["index"] for it in items])}
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar length: shuffle, sort within chunks of ``chunk_batches`` batches, shuffle batch order.
+
+    With ``group_by_length=False`` it is plain shuffled batching. Deterministic given (seed, epoch). With several
+    processes every one draws the same global batches and keeps its slice ``batch[rank::num_replicas]``, so the
+    global batch does not depend on the number of processes. ``start`` skips batches already done (resume).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_by_length: bool = True,
+                 shuffle: bool = True, chunk_batches: int = 100, rank: int = 0, num_replicas: int = 1):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.group_by_length, self.shuffle, self.chunk_batches = group_by_length, shuffle, chunk_batches
+        self.rank, self.num_replicas = rank, num_replicas
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def global_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            chunk = self.batch_size * self.chunk_batches
+            order = [i for s in range(0, len(order), chunk)
+                     for i in sorted(order[s:s + chunk], key=lambda i: -self.lengths[i])]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter([b[self.rank::self.num_replicas] for b in self.global_batches()[self.start:]])
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches sorted by length (no training signal, just less padding); order is restored by index."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]

@@ -1,0 +1,8 @@
+"""The one exception type for problems the user can fix (bad files, bad flags, missing data).
+
+The CLI prints it as a single line and exits with status 2; everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""

@@ -1,0 +1,82 @@
+"""Clean evaluation: accuracy, macro-F1, per-class accuracy, confusion matrix; and prediction on raw text."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from carlrar.data import Collator, EncodedSplit, eval_batches
+
+
+@torch.no_grad()
+def predict_logits(model, encoded: EncodedSplit, pad_token_id: int, batch_size: int = 128,
+                   progress: str | None = None) -> torch.Tensor:
+    """Logits for every example of ``encoded``, in dataset order (batches are sorted by length for speed)."""
+    was_training = model.training
+    model.eval()
+    collate = Collator(pad_token_id)
+    logits = torch.empty(len(encoded), model.config.num_labels)
+    batches = eval_batches(encoded.lengths, batch_size)
+    for idx in tqdm(batches, desc=progress, disable=progress is None or not sys.stderr.isatty(), leave=False):
+        batch = collate([encoded[i] for i in idx])
+        logits[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+    model.train(was_training)
+    return logits
+
+
+def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:
+    """Accuracy, macro-F1 (mean of per-class F1, 0 where undefined), per-class accuracy (= recall), confusion.
+
+    ``confusion[i][j]`` counts examples of gold class i predicted as j.
+    """
+    k = len(label_names)
+    confusion = [[0] * k for _ in range(k)]
+    for p, y in zip(preds, labels):
+        confusion[y][p] += 1
+    f1s, per_class = [], {}
+    for c in range(k):
+        tp = confusion[c][c]
+        gold = sum(confusion[c])
+        predicted = sum(confusion[r][c] for r in range(k))
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / gold if gold else 0.0
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        per_class[label_names[c]] = recall if gold else None
+    n = len(labels)
+    return {"accuracy": sum(confusion[c][c] for c in range(k)) / n if n else 0.0,
+            "macro_f1": sum(f1s) / k, "per_class_accuracy": per_class, "confusion": confusion, "n": n}
+
+
+def evaluate_split(model, encoded: EncodedSplit, label_names: list[str], pad_token_id: int,
+                   batch_size: int = 128, progress: str | None = None) -> dict:
+    logits = predict_logits(model, encoded, pad_token_id, batch_size, progress)
+    preds = logits.argmax(-1).tolist()
+    metrics = classification_metrics(preds, list(encoded.labels), label_names)
+    metrics["loss"] = torch.nn.functional.cross_entropy(logits, torch.tensor(encoded.labels)).item()
+    return metrics
+
+
+def print_metrics(metrics: dict, label_names: list[str], title: str):
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("examples", str(metrics["n"]))
+    table.add_row("accuracy", f"{metrics['accuracy']:.4f}")
+    table.add_row("macro-F1", f"{metrics['macro_f1']:.4f}")
+    for name, acc in metrics["per_class_accuracy"].items():
+        table.add_row(f"accuracy ({escape(name)})", "–" if acc is None else f"{acc:.4f}")
+    console.print(table)
+    confusion = Table(title="confusion (rows: gold, columns: predicted)")
+    confusion.add_column("")
+    for name in label_names:
+        confusion.add_column(escape(name), justify="right")
+    for name, row in zip(label_names, metrics["confusion"]):
+        confusion.add_row(escape(name), *map(str, row))
+    console.print(confusion)

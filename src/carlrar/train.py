@@ -1,0 +1,237 @@
+"""The training loop: read it top to bottom. Methods plug in through ``training_step``; the loop owns the rest.
+
+Output directory (``OUT``):
+  config.json, model.safetensors, tokenizer files   the best-dev model in Hugging Face format (pipeline() loads it)
+  carlrar_config.yaml                               the full resolved configuration
+  metrics.jsonl                                     one line per dev evaluation (+ mean training scalars since the last)
+  final_metrics.json                                best dev metrics, test metrics when a test split exists, speed
+  checkpoint/                                       latest resumable state (model, optimiser, schedule, RNG, position)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from carlrar.config import TrainConfig, to_dict, write_yaml
+from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
+from carlrar.errors import UserError
+from carlrar.evaluate import evaluate_split
+from carlrar.methods import METHODS
+from carlrar.models import count_parameters, load_classifier, load_tokenizer
+from carlrar.speed import ThroughputMeter, measure_matmul_peak
+
+CHECKPOINT, STATE = "checkpoint", "trainer_state.json"
+RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps"}
+
+
+def prepare_output_dir(out: Path, config: dict) -> bool:
+    """Create ``out``; return True when it holds an interrupted run of the same config to resume."""
+    if (out / "final_metrics.json").exists() and not config["overwrite"]:
+        raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
+    if (out / CHECKPOINT / STATE).exists() and not config["overwrite"]:
+        saved = yaml_load(out / "carlrar_config.yaml")
+        changed = sorted(k for k in config if k not in RESUME_IGNORES and saved.get(k) != config[k])
+        if changed:
+            raise UserError(f"{out} holds an interrupted run with different settings ({', '.join(changed)}); "
+                            "pass --overwrite or choose another --output_dir")
+        return True
+    if out.exists() and config["overwrite"] and (out / "carlrar_config.yaml").exists():
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a carlrar run; choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror}") from None
+    return False
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Swap a fully written directory into place, so a crash never leaves a half-written one behind."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(cfg: TrainConfig, method_config=None) -> dict:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    method_cls = METHODS[cfg.method]
+    method_config = method_config or method_cls.config_class()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lr <= 0:
+        raise UserError("--batch_size and --grad_accum must be ≥ 1 and --lr > 0")
+
+    # Everything that can fail on bad input happens before the output directory is touched.
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
+                      cfg.text_column, cfg.label_column)
+    train_split = subset(ds.split("train"), cfg.train_subset, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, train_split.texts)
+    set_seed(cfg.seed)
+    model = load_classifier(cfg.model, ds.label_names)
+    out = cfg.resolved_output_dir()
+    config = {**to_dict(cfg, method_config), "label_names": ds.label_names}
+    resuming = prepare_output_dir(out, config)
+    write_yaml(out / "carlrar_config.yaml", config)
+
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None)
+    train_data = EncodedSplit(train_split, tokenizer, cfg.max_length)
+    dev_data = EncodedSplit(ds.split("dev"), tokenizer, cfg.max_length)
+    sampler = LengthGroupedBatchSampler(train_data.lengths, cfg.batch_size * accelerator.num_processes, cfg.seed,
+                                        cfg.group_by_length, rank=accelerator.process_index,
+                                        num_replicas=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
+                                         collate_fn=Collator(tokenizer.pad_token_id))
+    steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n  # noqa: E731
+    groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    method = method_cls(method_config, train_config=cfg, model=model, num_train=len(train_data))
+
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
+             "best_dev": None, "train_seconds": 0.0, "examples_seen": 0}
+    if resuming:
+        accelerator.load_state(str(out / CHECKPOINT))
+        state = json.loads((out / CHECKPOINT / STATE).read_text())
+        say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
+
+    peak = measure_matmul_peak()
+    meter = ThroughputMeter(accelerator.unwrap_model(model).config, peak)
+    say(f"{cfg.method} · {cfg.model} ({count_parameters(model):,} parameters) · {ds.name} train {len(train_data):,} "
+        f"/ dev {len(dev_data):,} · {total_steps} steps of {cfg.batch_size * cfg.grad_accum * accelerator.num_processes}"
+        f" · {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
+
+    def evaluate_and_checkpoint(since: dict):
+        """Dev evaluation on the main process; keep the best model; write a resumable checkpoint."""
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            dev = evaluate_split(unwrapped, dev_data, ds.label_names, tokenizer.pad_token_id, cfg.eval_batch_size)
+            record = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 3),
+                      "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "dev_loss": dev["loss"],
+                      **{f"train_{k}": sum(v) / len(v) for k, v in since.items() if v}}
+            improved = dev["accuracy"] > state["best_accuracy"]
+            if improved:
+                state.update(best_accuracy=dev["accuracy"], best_step=state["step"], best_dev=dev)
+                tmp = out / "best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                unwrapped.save(tmp, tokenizer)
+                for f in tmp.iterdir():
+                    f.replace(out / f.name)
+                tmp.rmdir()
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            say(f"eval step {state['step']}: dev accuracy {dev['accuracy']:.4f}"
+                f"{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
+        accelerator.wait_for_everyone()
+        tmp = out / (CHECKPOINT + ".tmp")
+        accelerator.save_state(str(tmp))
+        if main:
+            (tmp / STATE).write_text(json.dumps(state))
+            replace_dir(tmp, out / CHECKPOINT)
+        accelerator.wait_for_everyone()
+        since.clear()
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not (main and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    since: dict[str, list[float]] = {}  # training scalars since the last evaluation
+    window: dict[str, list[float]] = {}  # ... since the last log line
+    started = time.perf_counter()
+    while state["step"] < total_steps:
+        sampler.set_epoch(state["epoch"])
+        sampler.start = state["batches_done"]
+        micro, evaluated = 0, False
+        for batch in loader:
+            scale = 1.0 / cfg.grad_accum
+            sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                logs = method.training_step(model, batch, accelerator.backward, scale)
+            meter.add(batch["attention_mask"], method.passes)
+            for k, v in logs.items():
+                since.setdefault(k, []).append(v)
+                window.setdefault(k, []).append(v)
+            micro += 1
+            state["batches_done"] += 1
+            state["examples_seen"] += len(batch["labels"]) * accelerator.num_processes
+            if not sync:
+                continue
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            evaluated = False
+            bar.update(1)
+            if state["step"] % cfg.log_steps == 0 or state["step"] == total_steps:
+                ex_s, frac = meter.read()
+                meter.reset()
+                scalars = " · ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in window.items())
+                say(f"step {state['step']}/{total_steps} · {scalars} · lr {scheduler.get_last_lr()[0]:.2e} · "
+                    f"{ex_s * accelerator.num_processes:.1f} ex/s · {frac:.0%} of peak")
+                window.clear()
+            if cfg.eval_steps and state["step"] % cfg.eval_steps == 0:
+                state["train_seconds"] += time.perf_counter() - started
+                evaluate_and_checkpoint(since)
+                started, evaluated = time.perf_counter(), True
+                meter.reset()
+            if state["step"] >= total_steps:
+                break
+        else:  # epoch finished
+            state["epoch"] += 1
+            state["batches_done"] = 0
+        if not evaluated:
+            state["train_seconds"] += time.perf_counter() - started
+            evaluate_and_checkpoint(since)
+            started = time.perf_counter()
+    bar.close()
+
+    final = {"method": cfg.method, "model": cfg.model, "dataset": ds.name, "steps": state["step"],
+             "train_examples": len(train_data), "examples_seen": state["examples_seen"],
+             "train_seconds": round(state["train_seconds"], 1),
+             "examples_per_s": round(state["examples_seen"] / max(state["train_seconds"], 1e-9), 1),
+             "parameters": count_parameters(accelerator.unwrap_model(model)),
+             "best_step": state["best_step"], "dev": state["best_dev"]}
+    if main:
+        if "test" in ds.splits:
+            from carlrar.models import load_trained
+
+            test_data = EncodedSplit(ds.splits["test"], tokenizer, cfg.max_length)
+            final["test"] = evaluate_split(load_trained(out), test_data, ds.label_names, tokenizer.pad_token_id,
+                                           cfg.eval_batch_size)
+        (out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        say(f"done: best dev accuracy {state['best_accuracy']:.4f} at step {state['best_step']} · "
+            f"{final['examples_per_s']} ex/s over {final['train_seconds']} s · model in {out}")
+    return final
