@@ -14,6 +14,13 @@ from pathlib import Path
 from carlrar.errors import UserError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as a one-line user error instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _quiet_libraries():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -42,6 +49,9 @@ def _model_and_data(args):
     from carlrar.data import EncodedSplit, Split, encode_labels, load_dataset, read_examples
     from carlrar.models import load_trained
 
+    ds = None if args.file else load_dataset(args.dataset, args.data_dir)  # bad data fails before the model loads
+    if ds is not None:
+        ds.split(args.split)
     model = load_trained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -52,7 +62,6 @@ def _model_and_data(args):
             to_id = {str(i): i for i in range(len(names))}  # labels given as ids
         split = Split(texts, encode_labels(raw, to_id, args.file), args.file)
     else:
-        ds = load_dataset(args.dataset, args.data_dir)
         split = ds.split(args.split)
         extra = sorted(set(ds.label_names) - set(names))
         if extra:
@@ -65,7 +74,7 @@ def _model_and_data(args):
 def cmd_evaluate(argv: list[str]):
     from carlrar.evaluate import evaluate_split, print_metrics
 
-    p = argparse.ArgumentParser(prog="carlrar evaluate", description="accuracy, macro-F1, per-class, confusion")
+    p = ArgumentParser(prog="carlrar evaluate", description="accuracy, macro-F1, per-class, confusion")
     p.add_argument("--model", required=True, help="output directory of carlrar train (or any HF classifier)")
     _data_args(p)
     p.add_argument("--output", help="JSON file for the metrics (default MODEL/eval_<dataset>_<split>.json)")
@@ -86,7 +95,7 @@ def cmd_predict(argv: list[str]):
     from carlrar.models import load_trained
     from transformers import AutoTokenizer
 
-    p = argparse.ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
+    p = ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
     p.add_argument("--model", required=True)
     p.add_argument("--file", help="CSV/TSV/JSONL (uses --text-column) or plain text, one per line; default stdin")
     p.add_argument("--text-column", default="text")
@@ -131,7 +140,7 @@ def cmd_methods(argv: list[str]):
         print(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
 
 
-def _data_args(p: argparse.ArgumentParser):
+def _data_args(p: ArgumentParser):
     p.add_argument("--dataset", default="sst2", help="named dataset (default sst2)")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--data-dir", help="folder with the dataset folders (default $CARLRAR_DATA_DIR, then the hub)")

@@ -90,7 +90,9 @@ def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)  # syntax errors know their line
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option: value")
     fields = {f.name: hints[f.name] for c in classes
@@ -109,6 +111,7 @@ def parse_args(classes: tuple[type, ...], argv: list[str], prog: str = "carlrar 
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(classes, prog=prog)
+    parser.error = _argparse_error
     first, _ = parser.parse_known_args(argv)
     defaults = {}
     if getattr(first, "preset", None):
@@ -120,7 +123,15 @@ def parse_args(classes: tuple[type, ...], argv: list[str], prog: str = "carlrar 
     if getattr(first, "config", None):
         defaults.update(read_yaml_defaults(Path(first.config), classes))
     parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(argv)
+    *configs, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unrecognized arguments: {' '.join(rest)} (see {prog} --help)")
+    return tuple(configs)
+
+
+def _argparse_error(message: str):
+    """argparse prints its usage and exits; bad flags are one-line user errors like everything else."""
+    raise UserError(message)
 
 
 def to_dict(*configs) -> dict:

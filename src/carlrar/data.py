@@ -41,11 +41,12 @@ class TextDataset:
     label_names: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
     unlabelled: dict[str, str] = field(default_factory=dict)  # split → file that has no label column
+    missing: dict[str, str] = field(default_factory=dict)  # split → where its file was looked for
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
             raw = self.unlabelled.get(name)
-            why = f" ({raw} has no labels)" if raw else " (no such file)"
+            why = f" ({raw} has no labels)" if raw else f" ({self.missing.get(name, 'no such file')})"
             raise UserError(f"dataset {self.name!r} has no labelled {name!r} split{why}; "
                             f"available: {', '.join(self.splits)}")
         return self.splits[name]
@@ -95,11 +96,13 @@ def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     raw = path.read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # strip it here so error offsets count from the file start
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        at = bom + e.start
+        line = raw[:at].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[at]:02x} at offset {at})") from None
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     if path.suffix == ".jsonl":
@@ -156,7 +159,10 @@ def read_examples(path: Path, text_columns, label_column, header: bool | None = 
             empty.append(n)
             continue
         texts.append(text)
-        labels.append(str(get(row, label_column)).strip() if need_labels else "")
+        label = str(get(row, label_column)).strip() if need_labels else ""
+        if need_labels and not label:
+            raise UserError(f"{path}:{n}: empty label")
+        labels.append(label)
     if empty:
         print(f"warning: {path}: dropped {len(empty)} row(s) with empty text (line {', '.join(map(str, empty[:5]))}"
               f"{', ...' if len(empty) > 5 else ''})", file=sys.stderr)
@@ -181,12 +187,12 @@ def encode_labels(raw: list[str], to_id: dict[str, int], where: str) -> list[int
     return [to_id[r] for r in raw]
 
 
-def check_train(ds: TextDataset) -> TextDataset:
-    train = ds.splits["train"]
-    if len(set(train.labels)) < 2:
-        raise UserError(f"{train.source}: only one class ({ds.label_names[train.labels[0]]!r}) in train; "
-                        "a classifier needs at least two")
-    return ds
+def check_train(raw_labels: list[str], source, names: dict[str, str] | None = None) -> list[str]:
+    """Train needs two classes; checked before dev / test labels so the message names the real problem."""
+    if len(set(raw_labels)) < 2:
+        only = (names or {}).get(raw_labels[0], raw_labels[0])
+        raise UserError(f"{source}: only one class ({only!r}) in train; a classifier needs at least two")
+    return raw_labels
 
 
 def carve_dev(texts, labels, seed: int = 0):
@@ -205,14 +211,14 @@ def load_files(train_file, dev_file=None, test_file=None, text_column="text", la
     if not train_file:
         raise UserError("--train-file is required when no --dataset is given")
     read = {s: read_examples(Path(f), [text_column], label_column) for s, f in files.items() if f}
-    names, to_id = label_map_from(read["train"][1])
+    names, to_id = label_map_from(check_train(read["train"][1], train_file))
     if "dev" not in read:
         read["train"], read["dev"] = carve_dev(*read["train"])
         files["dev"] = f"{train_file} (seeded 10% held out)"
     ds = TextDataset(name, names)
     for split, (texts, raw) in read.items():
         ds.splits[split] = Split(texts, encode_labels(raw, to_id, str(files[split])), str(files[split]))
-    return check_train(ds)
+    return ds
 
 
 def load_named(name: str, data_dir: str | None = None) -> TextDataset:
@@ -238,15 +244,17 @@ def _load_local(name: str, spec: DatasetSpec, folder: Path) -> TextDataset:
             unlabelled[split] = str(path)  # the GLUE SST-2 test split ships without labels
             continue
         read[split] = read_examples(path, spec.text_columns, spec.label_column, spec.header, spec.unescape_newlines)
-    names, to_id = label_map_from(read["train"][1], spec.labels)
+    names, to_id = label_map_from(check_train(read["train"][1], found["train"], dict(spec.labels)),
+                                  spec.labels)
     sources = {s: str(p) for s, p in found.items() if p}
     if "dev" not in read:
         read["train"], read["dev"] = carve_dev(*read["train"])
         sources["dev"] = f"{found['train']} (seeded 10% held out)"
-    ds = TextDataset(name, names, unlabelled=unlabelled)
+    missing = {s: f"no {' or '.join(spec.files[s])} in {folder}" for s, p in found.items() if p is None}
+    ds = TextDataset(name, names, unlabelled=unlabelled, missing=missing)
     for split, (texts, raw) in read.items():
         ds.splits[split] = Split(texts, encode_labels(raw, to_id, sources[split]), sources[split])
-    return check_train(ds)
+    return ds
 
 
 # The paper's subset sizes per class (train, dev, test); None = the full split.
@@ -279,7 +287,7 @@ def _load_hub(name: str, spec: DatasetSpec, looked_in: Path | None) -> TextDatas
         for split, hub_split in (("train", "train"), ("dev", "validation")):
             texts, labels = cols(hub[hub_split])
             ds.splits[split] = Split([t.strip() for t in texts], list(labels), f"hub:glue/sst2/{hub_split}")
-        return check_train(ds)
+        return ds
     n_train, n_dev, n_test = HUB_SUBSETS[name]
     rng = random.Random(0)
     train_pool, test_pool = cols(hub["train"]), cols(hub["test"])
@@ -294,7 +302,7 @@ def _load_hub(name: str, spec: DatasetSpec, looked_in: Path | None) -> TextDatas
             ds.splits[part] = Split([pool[0][i].replace("\\n", " ").strip() for i in idx],
                                     [pool[1][i] for i in idx], f"hub:{spec.hub[0]}/{split} (seeded subset)")
             start += n
-    return check_train(ds)
+    return ds
 
 
 def load_dataset(dataset: str | None = None, data_dir: str | None = None, train_file=None, dev_file=None,

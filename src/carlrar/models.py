@@ -105,8 +105,8 @@ def load_classifier(name: str, label_names: list[str]) -> Classifier:
 
 def load_trained(directory: str | Path) -> Classifier:
     """A classifier written by ``carlrar train`` (or any HF sequence-classification checkpoint)."""
-    directory = Path(directory)
-    if not directory.is_dir() and not os.environ.get("HF_HUB_OFFLINE") == "0":
+    looks_local = str(directory).startswith((".", "/", "~")) or os.sep in str(directory).rstrip(os.sep)
+    if looks_local and not Path(directory).is_dir():
         raise UserError(f"{directory}: no such model directory")
     try:
         hf = AutoModelForSequenceClassification.from_pretrained(directory)

@@ -16,7 +16,8 @@ from carlrar.models import train_flops_per_token
 
 def measure_matmul_peak(n: int = 2048, seconds: float = 0.5) -> float:
     """Best fp32 matmul FLOP/s over a short burst (after one warm-up), with torch's current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # own generator: must not move the training RNG (exact resume)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     a @ b
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:

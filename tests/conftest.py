@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random BERT (with MiniLM's real tokenizer) and small labelled files."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+POSITIVE = ["a wonderful film", "great acting and a moving story", "i loved it", "brilliant and funny",
+            "a delight from start to finish", "superb", "warm , witty and wise", "the best film this year"]
+NEGATIVE = ["a terrible film", "boring and far too long", "i hated it", "dull and lifeless",
+            "a mess from start to finish", "awful", "cold , flat and stupid", "the worst film this year"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32, dropout-free random BERT saved as a local model directory, with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from carlrar.models import minilm_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic tests
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
+    path.write_text("\n".join(["\t".join(header)] + ["\t".join(map(str, r)) for r in rows]) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def toy_files(tmp_path) -> dict:
+    """Toy sentiment train/dev TSVs (header sentence, label) under tmp_path."""
+    train = [(t, 1) for t in POSITIVE] * 4 + [(t, 0) for t in NEGATIVE] * 4
+    dev = [(t, 1) for t in POSITIVE[:4]] + [(t, 0) for t in NEGATIVE[:4]]
+    return {"train": write_tsv(tmp_path / "train.tsv", train), "dev": write_tsv(tmp_path / "dev.tsv", dev)}

@@ -1,0 +1,251 @@
+"""Bad user input: one ``error: ...`` line on stderr naming what and where, exit status 2, no traceback, and
+nothing written to the output directory. Every case fails while reading data or configuration, before training."""
+
+from pathlib import Path
+
+import pytest
+
+from carlrar.cli import main
+from carlrar.data import load_files
+
+from conftest import NEGATIVE, POSITIVE, write_tsv
+
+TRAIN_ROWS = [(t, 1) for t in POSITIVE] + [(t, 0) for t in NEGATIVE]
+DEV_ROWS = [(t, 1) for t in POSITIVE[:2]] + [(t, 0) for t in NEGATIVE[:2]]
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path, monkeypatch):
+    """Run in tmp_path (a default runs/ directory would land there) with no data folder from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CARLRAR_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def files(tmp_path) -> dict:
+    """Good generic train/dev TSVs with the default columns text, label."""
+    header = ("text", "label")
+    return {"train": write_tsv(tmp_path / "train.tsv", TRAIN_ROWS, header),
+            "dev": write_tsv(tmp_path / "dev.tsv", DEV_ROWS, header)}
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A folder in the layout of shared/data holding sst2_glue/train.tsv and dev.tsv (no test.tsv)."""
+    root = tmp_path / "data"
+    (root / "sst2_glue").mkdir(parents=True)
+    write_tsv(root / "sst2_glue" / "train.tsv", TRAIN_ROWS)
+    write_tsv(root / "sst2_glue" / "dev.tsv", DEV_ROWS)
+    return root
+
+
+def train_argv(model, out, *extra) -> list[str]:
+    return ["train", "--model", str(model), "--output_dir", str(out), *map(str, extra)]
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, check the bad-input contract, and return the single error message (after ``error: ``)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0][len("error: "):]
+
+
+# 1 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_missing_file(capsys, tiny_model_dir, files, out, tmp_path, split):
+    files[split] = tmp_path / f"no_such_{split}.tsv"
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
+                                        "--dev_file", files["dev"]))
+    assert msg == f"{files[split]}: file not found"
+    assert not out.exists()
+
+
+# 2 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", [b"", b"  \n\t\n \r\n  "], ids=["zero-bytes", "whitespace-only"])
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_empty_file(capsys, tiny_model_dir, files, out, split, content):
+    files[split].write_bytes(content)
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
+                                        "--dev_file", files["dev"]))
+    assert msg == f"{files[split]}: file is empty"
+    assert not out.exists()
+
+
+# 3 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, missing", [((), "text"),
+                                            (("--text_column", "sentence", "--label_column", "polarity"), "polarity")])
+def test_missing_column(capsys, tiny_model_dir, tmp_path, out, flags, missing):
+    train = write_tsv(tmp_path / "sst.tsv", TRAIN_ROWS, header=("sentence", "label"))
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train, *flags))
+    assert msg.startswith(f"{train}: ")
+    assert f"no column {missing!r}" in msg
+    assert "(columns: sentence, label)" in msg
+    assert not out.exists()
+
+
+# 4 ---------------------------------------------------------------------------------------------------------------
+def test_rows_with_empty_text_are_dropped_with_a_warning(capsys, tmp_path):
+    train = tmp_path / "train.tsv"
+    rows = [f"{t}\t{y}" for t, y in TRAIN_ROWS]
+    rows.insert(1, "\t1")  # line 3 (after the header)
+    rows.insert(4, "   \t0")  # line 6
+    rows.append(" \t1")  # line 20 (header + 16 rows + 2 inserted + this)
+    train.write_text("text\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    ds = load_files(train, text_column="text", label_column="label")
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.strip()]
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith(f"warning: {train}: dropped 3 row(s) with empty text")
+    assert "(line 3, 6, 20)" in warnings[0]
+    assert len(ds.splits["train"]) + len(ds.splits["dev"]) == len(TRAIN_ROWS)
+    assert all(t.strip() for s in ds.splits.values() for t in s.texts)
+
+
+# 5 ---------------------------------------------------------------------------------------------------------------
+def test_unknown_label_in_dev_file(capsys, tiny_model_dir, files, out):
+    write_tsv(files["dev"], DEV_ROWS + [("a film", "neutral")], ("text", "label"))
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
+                                        "--dev_file", files["dev"]))
+    assert msg.startswith(f"{files['dev']}: unknown label(s) 'neutral'")
+    assert "known: '0', '1'" in msg
+    assert not out.exists()
+
+
+def test_unknown_label_in_named_dataset_dev(capsys, tiny_model_dir, data_dir, out):
+    dev = write_tsv(data_dir / "sst2_glue" / "dev.tsv", DEV_ROWS + [("a film", 2)])
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--dataset", "sst2", "--data_dir", data_dir))
+    assert msg.startswith(f"{dev}: unknown label(s) '2'")
+    assert not out.exists()
+
+
+# 6 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "with-bom"])
+def test_non_utf8_bytes(capsys, tiny_model_dir, files, out, bom):
+    # the bad byte starts line 3, right after a newline: an off-by-BOM offset would blame line 2
+    files["train"].write_bytes(bom + b"text\tlabel\na wonderful film\t1\n\xffawful\t0\n")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
+                                        "--dev_file", files["dev"]))
+    assert msg.startswith(f"{files['train']}:3: not valid UTF-8 (byte 0xff")
+    assert not out.exists()
+
+
+# 7 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["files", "dataset"])
+def test_only_one_class_in_train(capsys, tiny_model_dir, tmp_path, data_dir, out, source):
+    positives = [(t, 1) for t in POSITIVE]
+    if source == "files":
+        train = write_tsv(tmp_path / "pos.tsv", positives, ("text", "label"))
+        dev = write_tsv(tmp_path / "pos_dev.tsv", positives[:3], ("text", "label"))
+        argv = train_argv(tiny_model_dir, out, "--train_file", train, "--dev_file", dev)
+        name = "'1'"
+    else:
+        train = write_tsv(data_dir / "sst2_glue" / "train.tsv", positives)
+        argv = train_argv(tiny_model_dir, out, "--dataset", "sst2", "--data_dir", data_dir)
+        name = "'positive'"
+    msg = user_error(capsys, argv)
+    assert msg.startswith(f"{train}: only one class ({name}) in train")
+    assert not out.exists()
+
+
+# 8 ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("lr: abc\n", "{cfg}: lr: cannot read 'abc' as float"),
+    ("epochs: 1\nlearning_rate: 1.0e-5\n", "{cfg}: unknown option 'learning_rate'"),
+    ("lr: 1.0e-5\n  batch_size: [3\n", "{cfg}:2: not valid YAML ("),
+    ("- lr\n- 1.0e-5\n", "{cfg}: expected a mapping of option: value"),
+], ids=["unparseable-value", "unknown-key", "invalid-yaml", "not-a-mapping"])
+def test_bad_config_file(capsys, tiny_model_dir, files, out, tmp_path, yaml_text, expected):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text, encoding="utf-8")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], "--config", cfg))
+    assert msg.startswith(expected.format(cfg=cfg)), msg
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--lr", "abc"), "argument --lr: invalid float value: 'abc'"),
+    (("--learning_rate", "1e-5"), "unrecognized arguments: --learning_rate 1e-5"),
+], ids=["unparseable-value", "unknown-flag"])
+def test_bad_command_line_option(capsys, tiny_model_dir, files, out, flags, expected):
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], *flags))
+    assert msg.startswith(expected), msg
+    assert not out.exists()
+
+
+# 9 ---------------------------------------------------------------------------------------------------------------
+def test_unknown_dataset(capsys, tiny_model_dir, data_dir, out):
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--dataset", "imdb", "--data_dir", data_dir))
+    assert msg.startswith("unknown dataset 'imdb' (known: sst2, ")
+    assert "agnews" in msg and "--train-file" in msg
+    assert not out.exists()
+
+
+# 10 --------------------------------------------------------------------------------------------------------------
+def test_unknown_method(capsys, tiny_model_dir, files, out):
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], "--method", "freelbb"))
+    assert msg == "unknown method 'freelbb' (known: base)"
+    assert not out.exists()
+
+
+# 11 --------------------------------------------------------------------------------------------------------------
+def test_evaluate_split_without_a_file(capsys, tiny_model_dir, data_dir, tmp_path):
+    metrics = tmp_path / "out" / "metrics.json"
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    msg = user_error(capsys, ["evaluate", "--model", str(tiny_model_dir), "--dataset", "sst2",
+                              "--data-dir", str(data_dir), "--split", "test", "--output", str(metrics)])
+    assert msg.startswith("dataset 'sst2' has no labelled 'test' split")
+    assert f"test.tsv in {data_dir / 'sst2_glue'}" in msg
+    assert msg.endswith("available: train, dev")
+    assert not metrics.parent.exists()
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before  # no eval_*.json next to the model
+
+
+# 12 --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["env-unset", "empty-data-dir"])
+def test_named_dataset_offline_without_local_copy(capsys, monkeypatch, tiny_model_dir, tmp_path, out, where):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CARLRAR_DATA_DIR", raising=False)
+    extra = ()
+    if where == "empty-data-dir":
+        (tmp_path / "empty").mkdir()
+        extra = ("--data_dir", tmp_path / "empty")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--dataset", "agnews", *extra))
+    assert msg.startswith("no local copy of 'agnews'")
+    assert "CARLRAR_DATA_DIR" in msg and "ag_news/" in msg
+    if where == "env-unset":
+        assert "CARLRAR_DATA_DIR is not set" in msg
+    else:
+        assert f"{tmp_path / 'empty' / 'ag_news'} does not exist" in msg
+    assert not out.exists()
+
+
+# 13 --------------------------------------------------------------------------------------------------------------
+def test_invalid_jsonl_line(capsys, tiny_model_dir, tmp_path, out):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a wonderful film", "label": "pos"}\n\n{"text": "awful", "label": "neg"}\n'
+                     '{"text": "i hated it", "label": neg}\n', encoding="utf-8")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
+    assert msg.startswith(f"{train}:4: invalid JSON")  # line numbers count the blank line too
+    assert not out.exists()
+
+
+# 14 --------------------------------------------------------------------------------------------------------------
+def test_predict_missing_model_directory(capsys, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a wonderful film\nawful\n", encoding="utf-8")
+    model, output = tmp_path / "no_such_model", tmp_path / "out" / "predictions.jsonl"
+    msg = user_error(capsys, ["predict", "--model", str(model), "--file", str(texts), "--output", str(output)])
+    assert msg == f"{model}: no such model directory"
+    assert not output.parent.exists()
