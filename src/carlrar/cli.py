@@ -1,4 +1,4 @@
-"""``carlrar`` command line: train, evaluate, predict, methods.
+"""``carlrar`` command line: train, evaluate, attack, predict, methods.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2; nothing is half-written.
 """
@@ -42,11 +42,11 @@ def cmd_train(argv: list[str]):
     train(cfg, method_config)
 
 
-def _model_and_data(args):
+def _model_and_data(args, limit: int | None = None, seed: int = 0):
     """The trained model, its tokenizer, and the requested split with labels mapped onto the model's."""
     from transformers import AutoTokenizer
 
-    from carlrar.data import EncodedSplit, Split, encode_labels, load_dataset, read_examples
+    from carlrar.data import EncodedSplit, Split, encode_labels, load_dataset, read_examples, subset
     from carlrar.models import load_trained
 
     ds = None if args.file else load_dataset(args.dataset, args.data_dir)  # bad data fails before the model loads
@@ -68,7 +68,7 @@ def _model_and_data(args):
             raise UserError(f"dataset {args.dataset!r} has labels the model does not know: {', '.join(extra)}")
         remap = [names.index(n) for n in ds.label_names]
         split = Split(split.texts, [remap[y] for y in split.labels], split.source)
-    return model, tokenizer, names, EncodedSplit(split, tokenizer, args.max_length)
+    return model, tokenizer, names, EncodedSplit(subset(split, limit, seed), tokenizer, args.max_length)
 
 
 def cmd_evaluate(argv: list[str]):
@@ -86,6 +86,43 @@ def cmd_evaluate(argv: list[str]):
     out.write_text(json.dumps({"model": str(args.model), "data": tag, **metrics}, indent=2))
     print_metrics(metrics, names, f"{args.model} on {tag}")
     print(f"metrics written to {out}", file=sys.stderr)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_attack(argv: list[str]):
+    from carlrar.attack import attack_split, print_attack
+
+    p = ArgumentParser(prog="carlrar attack", description="k-PGD on the word embeddings: accuracy under attack "
+                       "per ε (Table 5) and distances between R and R^adv per step size α (Table 4)")
+    p.add_argument("--model", required=True)
+    _data_args(p)
+    p.add_argument("--eps", type=_floats, default=[0.02, 0.075, 0.1], help="attack radii (default 0.02,0.075,0.1)")
+    p.add_argument("--steps", type=int, default=10, help="K: PGD steps (default 10)")
+    p.add_argument("--step-size", type=float, default=None, help="α for the ε attacks (default ε/4)")
+    p.add_argument("--distance-alphas", type=_floats, default=[0.1, 0.075],
+                   help="step sizes for the unprojected R vs R^adv distances (default 0.1,0.075; '' to skip)")
+    p.add_argument("--norm", choices=["l2", "linf"], default="l2")
+    p.add_argument("--init-mag", type=float, default=0.0, help="random init magnitude (default 0: zero init)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="attack only a seeded random subset of this many examples")
+    p.add_argument("--output", help="JSON file (default MODEL/attack_<dataset>_<split>.json)")
+    args = p.parse_args(argv)
+    if args.steps < 0 or any(e < 0 for e in args.eps) or (args.step_size is not None and args.step_size <= 0):
+        raise UserError("--steps, --eps must be ≥ 0 and --step-size > 0")
+    model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
+    result = attack_split(model, data, tokenizer.pad_token_id, args.eps, args.steps, args.step_size, args.norm,
+                          args.distance_alphas, args.batch_size, args.init_mag, args.seed)
+    tag = Path(args.file).stem if args.file else f"{args.dataset}_{args.split}"
+    out = Path(args.output or Path(args.model) / f"attack_{tag}.json")
+    out.write_text(json.dumps({"model": str(args.model), "data": tag, **result}, indent=2))
+    print_attack(result, f"{args.model} on {tag}")
+    print(f"results written to {out}", file=sys.stderr)
 
 
 def cmd_predict(argv: list[str]):
@@ -151,7 +188,8 @@ def _data_args(p: ArgumentParser):
     p.add_argument("--batch-size", type=int, default=128)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "methods": cmd_methods}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
+            "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None):

@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    method = method_cls(method_config, train_config=cfg, model=model, num_train=len(train_data))
+    method = method_cls(method_config, train_config=cfg, num_train=len(train_data))
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0}
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
             scale = 1.0 / cfg.grad_accum
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                logs = method.training_step(model, batch, accelerator.backward, scale)
+                logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
             meter.add(batch["attention_mask"], method.passes)
             for k, v in logs.items():
                 since.setdefault(k, []).append(v)
