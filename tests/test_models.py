@@ -47,3 +47,17 @@ def test_count_parameters_counts_tied_tensors_once():
     model.b.weight = lin.weight
     assert count_parameters(model) == 9 + 3 + 3
     assert isinstance(Classifier(torch.nn.Identity()), torch.nn.Module)
+
+
+def test_albert_scratch_tokenizer_offline_is_trained_on_the_texts(monkeypatch):
+    from carlrar.models import load_tokenizer
+    from conftest import NEGATIVE, POSITIVE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = load_tokenizer("albert-base-v2-scratch", (POSITIVE + NEGATIVE) * 3)
+    ids = tok("A wonderful film")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.unk_token_id not in ids
+    assert len(tok) <= 30000 and tok.pad_token_id is not None
+    model = albert_base_scratch(["negative", "positive"])
+    out = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    assert out.R.shape == (1, 768) and out.token_states.shape == (1, len(ids), 768)

@@ -1,4 +1,4 @@
-"""``carlrar`` command line: train, evaluate, attack, predict, methods.
+"""``carlrar`` command line: train, evaluate, attack, predict, compare, methods.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2; nothing is half-written.
 """
@@ -170,6 +170,33 @@ def cmd_predict(argv: list[str]):
         print("\n".join(lines))
 
 
+def cmd_compare(argv: list[str]):
+    from rich.console import Console
+    from rich.table import Table
+
+    p = ArgumentParser(prog="carlrar compare", description="side-by-side table of trained runs: clean dev accuracy "
+                       "and accuracy under attack from each run's final_metrics.json and attack_*.json")
+    p.add_argument("runs", nargs="+", help="output directories of carlrar train")
+    args = p.parse_args(argv)
+    rows, eps = [], []
+    for run in map(Path, args.runs):
+        final = run / "final_metrics.json"
+        if not final.is_file():
+            raise UserError(f"{run}: no final_metrics.json (not a finished carlrar run)")
+        metrics = json.loads(final.read_text())
+        attacks = [json.loads(f.read_text()) for f in sorted(run.glob("attack_*.json"))]
+        by_eps = {a["eps"]: a for r in attacks[:1] for a in r["attacks"]}
+        eps += [e for e in by_eps if e not in eps]
+        rows.append((run, metrics, by_eps))
+    table = Table(title="clean dev accuracy and accuracy under k-PGD (cos(R, R^adv) in brackets)")
+    for col in ["run", "method", "dev acc", *[f"ε={e:g}" for e in eps], "ex/s"]:
+        table.add_column(col, justify="left" if col in ("run", "method") else "right")
+    for run, m, by_eps in rows:
+        cells = [f"{by_eps[e]['accuracy']:.4f} ({by_eps[e]['mean_cos']:.3f})" if e in by_eps else "–" for e in eps]
+        table.add_row(str(run), m["method"], f"{m['dev']['accuracy']:.4f}", *cells, f"{m['examples_per_s']:.0f}")
+    Console().print(table)
+
+
 def cmd_methods(argv: list[str]):
     from carlrar.methods import METHODS
 
@@ -189,7 +216,7 @@ def _data_args(p: ArgumentParser):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
-            "methods": cmd_methods}
+            "compare": cmd_compare, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None):

@@ -1,0 +1,72 @@
+"""Step time of each training method relative to plain fine-tuning, measured side by side in one process.
+
+Same model (MiniLM), same length-grouped SST-2 (GLUE) batches, fused AdamW step included; methods are interleaved
+round by round so host-load drift hits all of them alike. Prints the median seconds per step and the ratios.
+
+    .venv/bin/python benchmarks/step_time.py --batches 12 --rounds 3
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset  # noqa: E402
+from carlrar.methods import METHODS, AdversarialConfig  # noqa: E402
+from carlrar.models import load_classifier, load_tokenizer  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+VARIANTS = {  # name → (method, config)
+    "base": ("base", None),
+    "freelb n=2": ("freelb", AdversarialConfig(adv_steps=2)),
+    "freelb n=3": ("freelb", AdversarialConfig(adv_steps=3)),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", type=int, default=12, help="timed batches per method per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args()
+    ds = load_dataset("sst2")
+    tok = load_tokenizer("minilm")
+    data = EncodedSplit(subset(ds.split("train"), 4000, 0), tok, 128)
+    sampler = LengthGroupedBatchSampler(data.lengths, args.batch_size, seed=0)
+    collate = Collator(tok.pad_token_id)
+    batches = [collate([data[i] for i in b]) for b in list(sampler)[: args.batches]]
+    torch.manual_seed(0)
+    model = load_classifier("minilm", ds.label_names).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    names = args.variants.split(",")
+    methods = {n: METHODS[VARIANTS[n][0]](VARIANTS[n][1] or METHODS[VARIANTS[n][0]].config_class()) for n in names}
+    times = {n: [] for n in names}
+    for n in names:  # warm-up
+        methods[n].training_step(model, batches[0], lambda loss: loss.backward())
+        opt.zero_grad()
+    for r in range(args.rounds):
+        for n in names:
+            start = time.perf_counter()
+            for b in batches:
+                methods[n].training_step(model, b, lambda loss: loss.backward())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times[n].append((time.perf_counter() - start) / len(batches))
+    base = statistics.median(times[names[0]])
+    print(f"{torch.get_num_threads()} threads · batch {args.batch_size} · {args.batches} length-grouped SST-2 batches "
+          f"× {args.rounds} rounds · mean real length {sum(b['attention_mask'].sum().item() for b in batches) / sum(len(b['labels']) for b in batches):.1f}")
+    print(f"{'method':14s} {'s/step':>8s} {'× ' + names[0]:>10s}")
+    for n in names:
+        t = statistics.median(times[n])
+        print(f"{n:14s} {t:8.3f} {t / base:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
