@@ -22,8 +22,8 @@ from carlrar.models import load_classifier, load_tokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-VARIANTS = {  # name → (method, config)
-    "base": ("base", None),
+VARIANTS = {  # name → (method, *configs); no configs → the method's defaults
+    "base": ("base",),
     "freelb n=2": ("freelb", AdversarialConfig(adv_steps=2)),
     "freelb n=3": ("freelb", AdversarialConfig(adv_steps=3)),
 }
@@ -46,7 +46,10 @@ def main():
     model = load_classifier("minilm", ds.label_names).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     names = args.variants.split(",")
-    methods = {n: METHODS[VARIANTS[n][0]](VARIANTS[n][1] or METHODS[VARIANTS[n][0]].config_class()) for n in names}
+    methods = {}
+    for n in names:
+        cls = METHODS[VARIANTS[n][0]]
+        methods[n] = cls(*(VARIANTS[n][1:] if VARIANTS[n][1:] else [c() for c in cls.config_classes]))
     times = {n: [] for n in names}
     for n in names:  # warm-up
         methods[n].training_step(model, batches[0], lambda loss: loss.backward())

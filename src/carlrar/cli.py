@@ -38,8 +38,8 @@ def cmd_train(argv: list[str]):
     cfg = parsed[0]
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
-    method_config = next(c for c in parsed[1:] if isinstance(c, METHODS[cfg.method].config_class))
-    train(cfg, method_config)
+    by_class = {type(c): c for c in parsed[1:]}
+    train(cfg, *[by_class[c] for c in METHODS[cfg.method].config_classes])
 
 
 def _model_and_data(args, limit: int | None = None, seed: int = 0):

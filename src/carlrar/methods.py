@@ -1,12 +1,14 @@
 """Training methods: a config dataclass (its fields are CLI flags) and a ``training_step`` each, in a registry.
 
-A method's ``training_step(model, batch, backward, scale, step)`` runs its forward/backward passes for one
+A method's config dataclasses are listed in ``config_classes``; its
+``training_step(model, batch, backward, scale, step)`` runs its forward/backward passes for one
 micro-batch and returns scalars to log. ``scale`` is 1 / gradient-accumulation steps; ``backward`` is the
 accelerator's; ``step`` is the optimiser step about to be taken. The loop in ``train.py`` owns everything else.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -17,11 +19,6 @@ from carlrar.perturb import ascent_step, init_delta
 
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class BaseConfig:
-    """Plain fine-tuning: L_C only. No knobs of its own."""
 
 
 @dataclass
@@ -46,10 +43,10 @@ def _inner(model):
 class Base:
     """Plain fine-tuning: cross-entropy on the clean input (L_C, Eq. 8)."""
 
-    config_class = BaseConfig
+    config_classes: tuple[type, ...] = ()  # the dataclasses holding this method's knobs, in __init__'s order
 
-    def __init__(self, config, **_):
-        self.config = config
+    def __init__(self, *configs, **_):
+        self.config = configs[0] if configs else None
 
     @property
     def passes(self) -> float:
@@ -67,7 +64,7 @@ class FreeLB(Base):
     """FreeLB (Zhu et al. 2020) as the official HF example: n passes on E + δ, parameter gradients of every pass
     accumulate with weight 1/n, δ takes a normalised ascent step between passes (none after the last)."""
 
-    config_class = AdversarialConfig
+    config_classes = (AdversarialConfig,)
 
     @property
     def passes(self):
@@ -84,19 +81,26 @@ class FreeLB(Base):
             return super().training_step(model, batch, backward, scale, step)
         mask, labels = batch["attention_mask"], batch["labels"]
         delta = self.delta0(model, batch)
-        rng = torch.get_rng_state()
-        total = 0.0
+        self.rng = torch.get_rng_state()
+        logs: dict[str, float] = {"loss": 0.0}
         for t in range(c.adv_steps):
             if c.adv_reuse_dropout:
-                torch.set_rng_state(rng)  # identical ops and shapes → identical dropout masks in every pass
+                torch.set_rng_state(self.rng)  # identical ops and shapes → identical dropout masks in every pass
             delta.requires_grad_()
             out = model(batch["input_ids"], mask, delta=delta)  # embeddings recomputed from ids each pass
             loss = F.cross_entropy(out.logits, labels)
-            backward(loss * scale / c.adv_steps)
-            total += loss.item() / c.adv_steps
+            extra, extra_logs = self.pass_objective(model, batch, out, t)
+            backward((loss / c.adv_steps + extra) * scale)
+            logs["loss"] += loss.item() / c.adv_steps
+            for k, v in extra_logs.items():
+                logs[k] = logs.get(k, 0.0) + v
             if t < c.adv_steps - 1:
                 delta = ascent_step(delta, delta.grad, mask, c.adv_lr, c.adv_max_norm, c.adv_norm)
-        return {"loss": total}
+        return logs
+
+    def pass_objective(self, model, batch, out, t: int):
+        """Extra loss added to pass t's L_C / n before its backward, and scalars to log. FreeLB: none."""
+        return 0.0, {}
 
 
 class PGD(FreeLB):
@@ -151,9 +155,114 @@ class FGM(FreeLB):
         return {"loss": clean.item() + adv.item(), "loss_clean": clean.item(), "loss_adv": adv.item()}
 
 
-METHODS: dict[str, type] = {"base": Base, "freelb": FreeLB, "pgd": PGD, "fgm": FGM}
+@dataclass
+class ContrastiveConfig:
+    """CARL (Eq. 2–6). Defaults: the paper's (m = 16,000, τ = 0.07, M = 0.5) with a CPU-sized start step."""
+
+    carl_start_step: float = _f(0.5, "first step with L_D; < 1 means that fraction of training (Table 3: SST-2 "
+                                     "6315, Yahoo 7200, Yelp-P 5625, AG News 7750); the banks are filled just before")
+    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)")
+    carl_temperature: float = _f(0.07, "τ in h(x, y) = exp(x·y / τ) (Eq. 4)")
+    carl_momentum: float = _f(0.5, "M in the bank update B ← M·B + (1 − M)·R (Eq. 5)")
+    carl_weight: float = _f(1.0, "weight of L_D next to L_C (Eq. 6: 1)")
+    carl_estimator: str = _f("softmax", "softmax (exact over the sampled set) or nce (the paper's approximation)")
+    carl_positive: str = _f("live", "live: R / R^adv as in Eq. 2; bank: the other view's bank row, as CRD")
+    carl_z_momentum: float = _f(0.9, "NCE: moving average of Z (0: CRD's Z fixed on the first batch)")
+    bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)")
+
+
+class CARL(FreeLB):
+    """CARL: FreeLB plus a contrastive loss between the original and adversarial [CLS] representations with
+    negatives of other labels from two momentum memory banks (Eq. 2–6). L_C only until the start step; then one
+    pass over the training set fills B_orig and B_adv; then L_C + w·L_D every step."""
+
+    config_classes = (AdversarialConfig, ContrastiveConfig)
+
+    def __init__(self, adv: AdversarialConfig, carl: ContrastiveConfig, model=None, train_labels=(),
+                 total_steps: int = 0, **_):
+        super().__init__(adv)
+        from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
+
+        self.carl = carl
+        start = carl.carl_start_step
+        self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
+        n, dim = len(train_labels), _inner(model).config.hidden_size
+        dtype = {"float32": torch.float32, "float16": torch.float16}[carl.bank_dtype]
+        self.bank_orig = MemoryBank(n, dim, carl.carl_momentum, dtype)
+        self.bank_adv = MemoryBank(n, dim, carl.carl_momentum, dtype)
+        self.sampler = NegativeSampler(list(train_labels), carl.carl_negatives)
+        self.loss = ContrastiveLoss(carl.carl_temperature, carl.carl_estimator, n, carl.carl_z_momentum)
+        self.filled = False
+
+    @property
+    def passes(self):
+        return self.config.adv_steps + (1 if self.filled else 0)  # + the clean pass that gives R
+
+    def before_step(self, step: int, model, data, collate, batch_size: int) -> bool:
+        """At the start step, fill both banks once (forward only, no parameter update). True when it did."""
+        if self.filled or step < self.start_step:
+            return False
+        from tqdm.auto import tqdm
+
+        from carlrar.attack import pgd_attack
+        from carlrar.data import eval_batches
+
+        inner, c = _inner(model), self.config
+        was_training = inner.training
+        inner.eval()  # fixed representations to start from: no dropout
+        batches = eval_batches(data.lengths, batch_size)
+        for idx in tqdm(batches, desc="CARL bank fill", disable=not sys.stderr.isatty(), leave=False):
+            b = collate([data[i] for i in idx])
+            ids, mask = b["input_ids"], b["attention_mask"]
+            with torch.no_grad():
+                R = inner(ids, mask).R
+            # R^adv as training makes it: FreeLB's init and its n − 1 ascent steps
+            delta = pgd_attack(inner, ids, mask, b["labels"], c.adv_max_norm, c.adv_steps - 1, c.adv_lr, c.adv_norm,
+                               c.adv_init_mag)
+            with torch.no_grad():
+                R_adv = inner(ids, mask, delta=delta).R
+            self.bank_orig.fill(b["index"], R)
+            self.bank_adv.fill(b["index"], R_adv)
+        inner.train(was_training)
+        self.filled = True
+        return True
+
+    def pass_objective(self, model, batch, out, t):
+        if not self.filled or t < self.config.adv_steps - 1:
+            return 0.0, {}
+        if self.config.adv_reuse_dropout:
+            torch.set_rng_state(self.rng)
+        R = F.normalize(model(batch["input_ids"], batch["attention_mask"]).R, dim=1)  # the original input
+        R_adv = F.normalize(out.R, dim=1)
+        index, labels = batch["index"], batch["labels"]
+        negatives = self.sampler.sample(labels)
+        neg_orig, neg_adv = self.bank_orig(negatives), self.bank_adv(negatives)
+        bank_pos = self.carl.carl_positive == "bank"
+        loss, logs = self.loss(R, R_adv, neg_orig, neg_adv, pos_for_adv=self.bank_orig(index) if bank_pos else None,
+                               pos_for_orig=self.bank_adv(index) if bank_pos else None)
+        with torch.no_grad():
+            logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item(),
+                        score_pos=(R * R_adv).sum(1).mean().item() / self.carl.carl_temperature,
+                        score_neg=torch.einsum("bd,bmd->bm", R_adv, neg_orig).mean().item() / self.carl.carl_temperature)
+        self.bank_orig.update(index, R)
+        self.bank_adv.update(index, R_adv)
+        return self.carl.carl_weight * loss, logs
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold beyond the model: the banks, NCE's Z and whether the banks are filled."""
+        return {"bank_orig": self.bank_orig.rows, "bank_adv": self.bank_adv.rows, "Z": self.loss.Z,
+                "filled": torch.tensor(int(self.filled))}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]):
+        self.bank_orig.rows.copy_(state["bank_orig"])
+        self.bank_adv.rows.copy_(state["bank_adv"])
+        self.loss.Z.copy_(state["Z"])
+        self.filled = bool(state["filled"].item())
+
+
+METHODS: dict[str, type] = {"base": Base, "freelb": FreeLB, "pgd": PGD, "fgm": FGM, "carl": CARL}
 
 
 def config_classes() -> tuple[type, ...]:
-    """Each registered method's config dataclass once (several methods share one)."""
-    return tuple(dict.fromkeys(m.config_class for m in METHODS.values()))
+    """Every registered method's config dataclasses, each once (methods share them)."""
+    return tuple(dict.fromkeys(c for m in METHODS.values() for c in m.config_classes))

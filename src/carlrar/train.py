@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -32,7 +33,7 @@ from carlrar.methods import METHODS
 from carlrar.models import count_parameters, load_classifier, load_tokenizer
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
-CHECKPOINT, STATE = "checkpoint", "trainer_state.json"
+CHECKPOINT, STATE, METHOD_STATE = "checkpoint", "trainer_state.json", "method_state.safetensors"
 RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps"}
 
 
@@ -76,11 +77,12 @@ def replace_dir(tmp: Path, final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig, method_config=None) -> dict:
+def train(cfg: TrainConfig, *method_configs) -> dict:
+    """Train ``cfg.method`` with its config dataclasses (``METHODS[...].config_classes``; defaults when omitted)."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
     method_cls = METHODS[cfg.method]
-    method_config = method_config or method_cls.config_class()
+    method_configs = method_configs or tuple(c() for c in method_cls.config_classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lr <= 0:
@@ -94,7 +96,7 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names)
     out = cfg.resolved_output_dir()
-    config = {**to_dict(cfg, method_config), "label_names": ds.label_names}
+    config = {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
     resuming = prepare_output_dir(out, config)
     write_yaml(out / "carlrar_config.yaml", config)
 
@@ -106,8 +108,10 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
     sampler = LengthGroupedBatchSampler(train_data.lengths, cfg.batch_size * accelerator.num_processes, cfg.seed,
                                         cfg.group_by_length, rank=accelerator.process_index,
                                         num_replicas=accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
-                                         collate_fn=Collator(tokenizer.pad_token_id))
+    collate = Collator(tokenizer.pad_token_id)
+    # own generator: each new iterator draws a seed, which must not move the global RNG (exact resume)
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, collate_fn=collate,
+                                         generator=torch.Generator())
     steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -117,13 +121,15 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    method = method_cls(method_config, train_config=cfg, num_train=len(train_data))
+    method = method_cls(*method_configs, model=model, train_labels=train_data.labels, total_steps=total_steps)
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0}
     if resuming:
         accelerator.load_state(str(out / CHECKPOINT))
         state = json.loads((out / CHECKPOINT / STATE).read_text())
+        if hasattr(method, "state_tensors"):
+            method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
         say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
 
     peak = measure_matmul_peak()
@@ -131,6 +137,18 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
     say(f"{cfg.method} · {cfg.model} ({count_parameters(model):,} parameters) · {ds.name} train {len(train_data):,} "
         f"/ dev {len(dev_data):,} · {total_steps} steps of {cfg.batch_size * cfg.grad_accum * accelerator.num_processes}"
         f" · {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
+
+    def checkpoint():
+        """Resumable state, written to a temporary directory and swapped into place."""
+        accelerator.wait_for_everyone()
+        tmp = out / (CHECKPOINT + ".tmp")
+        accelerator.save_state(str(tmp))
+        if main:
+            if hasattr(method, "state_tensors"):
+                save_file({k: v.contiguous() for k, v in method.state_tensors().items()}, str(tmp / METHOD_STATE))
+            (tmp / STATE).write_text(json.dumps(state))
+            replace_dir(tmp, out / CHECKPOINT)
+        accelerator.wait_for_everyone()
 
     def evaluate_and_checkpoint(since: dict):
         """Dev evaluation on the main process; keep the best model; write a resumable checkpoint."""
@@ -154,13 +172,7 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
                 fh.write(json.dumps(record) + "\n")
             say(f"eval step {state['step']}: dev accuracy {dev['accuracy']:.4f}"
                 f"{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
-        accelerator.wait_for_everyone()
-        tmp = out / (CHECKPOINT + ".tmp")
-        accelerator.save_state(str(tmp))
-        if main:
-            (tmp / STATE).write_text(json.dumps(state))
-            replace_dir(tmp, out / CHECKPOINT)
-        accelerator.wait_for_everyone()
+        checkpoint()
         since.clear()
 
     model.train()
@@ -174,6 +186,10 @@ def train(cfg: TrainConfig, method_config=None) -> dict:
         sampler.start = state["batches_done"]
         micro, evaluated = 0, False
         for batch in loader:
+            if micro % cfg.grad_accum == 0 and hasattr(method, "before_step") and method.before_step(
+                    state["step"], model, train_data, collate, cfg.eval_batch_size):
+                checkpoint()  # e.g. CARL's filled banks: a resumed run must not fill them again
+                meter.reset()
             scale = 1.0 / cfg.grad_accum
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):

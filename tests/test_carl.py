@@ -1,0 +1,197 @@
+"""CARL against hand computations: the two estimators (Eq. 2–4), the bank (Eq. 5), negatives, the schedule."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from carlrar.config import TrainConfig
+from carlrar.methods import CARL, AdversarialConfig, ContrastiveConfig
+from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
+from carlrar.train import train
+
+# B = 2, m = 3, d = 4, unit vectors chosen so every dot product is easy to read off.
+R = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+R_ADV = torch.tensor([[0.6, 0.8, 0, 0], [0, 0.6, 0.8, 0]])
+NEG_ORIG = torch.tensor([[[0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
+                         [[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]])
+NEG_ADV = torch.tensor([[[0.6, 0.8, 0, 0], [0, 0, 0, 1.0], [0, 0, 0, 1.0]],
+                        [[0, 0, 0, 1.0], [0, 0, 0, 1.0], [0, 0, 0, 1.0]]])
+# dots: L_D^a (anchor R_adv, positive R, negatives NEG_ORIG): ex0 pos 0.6, neg 0.8 0 0 ; ex1 pos 0.6, neg 0 0.8 0
+#       L_D^o (anchor R, positive R_adv, negatives NEG_ADV):  ex0 pos 0.6, neg 0.6 0 0 ; ex1 pos 0.6, neg 0 0 0
+DOTS_A = [(0.6, [0.8, 0, 0]), (0.6, [0, 0.8, 0])]
+DOTS_O = [(0.6, [0.6, 0, 0]), (0.6, [0, 0, 0])]
+
+
+def softmax_term(dots, tau):
+    return sum(-math.log(math.exp(p / tau) / (math.exp(p / tau) + sum(math.exp(n / tau) for n in neg)))
+               for p, neg in dots) / len(dots)
+
+
+def test_softmax_estimator_by_hand():
+    tau = 0.07
+    loss, logs = ContrastiveLoss(tau, "softmax")(R, R_ADV, NEG_ORIG, NEG_ADV)
+    assert logs["loss_D_a"] == pytest.approx(softmax_term(DOTS_A, tau), rel=1e-5)
+    assert logs["loss_D_o"] == pytest.approx(softmax_term(DOTS_O, tau), rel=1e-5)
+    assert loss.item() == pytest.approx(softmax_term(DOTS_A, tau) + softmax_term(DOTS_O, tau), rel=1e-5)
+
+
+def test_nce_estimator_by_hand_with_fixed_then_moving_z():
+    tau, N, m = 0.5, 10, 3
+    pn = 1 / N
+
+    def nce_term(dots, Z):
+        total = 0.0
+        for p, neg in dots:
+            P = math.exp(p / tau) / Z
+            total += math.log(P / (P + m * pn)) + sum(math.log(m * pn / (math.exp(n / tau) / Z + m * pn)) for n in neg)
+        return -total / len(dots)
+
+    def z_of(dots):  # N · mean of h over the batch's B × (m + 1) scores
+        hs = [math.exp(x / tau) for p, neg in dots for x in [p, *neg]]
+        return N * sum(hs) / len(hs)
+
+    crd = ContrastiveLoss(tau, "nce", num_rows=N, z_momentum=0.0)
+    _, logs = crd(R, R_ADV, NEG_ORIG, NEG_ADV)
+    za, zo = z_of(DOTS_A), z_of(DOTS_O)
+    assert logs["loss_D_a"] == pytest.approx(nce_term(DOTS_A, za), rel=1e-5)
+    assert logs["loss_D_o"] == pytest.approx(nce_term(DOTS_O, zo), rel=1e-5)
+    # CRD keeps the first Z; the moving average mixes in the new batch's estimate
+    crd(R, R_ADV, NEG_ORIG * 0, NEG_ADV * 0)
+    assert crd.Z.tolist() == pytest.approx([zo, za], rel=1e-6)
+    ema = ContrastiveLoss(tau, "nce", num_rows=N, z_momentum=0.9)
+    ema(R, R_ADV, NEG_ORIG, NEG_ADV)
+    ema(R, R_ADV, NEG_ORIG * 0, NEG_ADV * 0)  # negatives' dots all 0 now
+    za2 = z_of([(0.6, [0, 0, 0]), (0.6, [0, 0, 0])])
+    assert ema.Z[1].item() == pytest.approx(0.9 * za + 0.1 * za2, rel=1e-6)
+
+
+def test_each_anchor_gets_gradient_and_the_banks_none():
+    r, r_adv = R.clone().requires_grad_(), R_ADV.clone().requires_grad_()
+    bank = MemoryBank(6, 4)
+    neg = bank(torch.tensor([[1, 2, 3], [0, 4, 5]]))
+    loss_fn = ContrastiveLoss(0.07)
+    loss_fn.term(r, r_adv.detach(), neg, view=0).backward()  # L_D^o alone: its anchor R moves
+    assert r.grad.abs().sum() > 0 and r_adv.grad is None
+    loss_fn.term(r_adv, r.detach(), neg, view=1).backward()  # L_D^a alone: its anchor R^adv moves
+    assert r_adv.grad.abs().sum() > 0
+    assert not bank.rows.requires_grad and bank.rows.grad is None
+
+
+def test_bank_update_is_eq5_then_normalised_and_fp16_halves_memory():
+    bank = MemoryBank(3, 2, momentum=0.5)
+    bank.rows.copy_(torch.tensor([[1.0, 0], [0, 1.0], [0.6, 0.8]]))
+    bank.update(torch.tensor([0]), torch.tensor([[0.0, 1.0]]))
+    # 0.5·(1, 0) + 0.5·(0, 1) = (0.5, 0.5) → normalised (0.7071, 0.7071); other rows untouched
+    assert torch.allclose(bank.rows, torch.tensor([[2 ** -0.5, 2 ** -0.5], [0, 1.0], [0.6, 0.8]]), atol=1e-6)
+    bank.fill(torch.tensor([2]), torch.tensor([[3.0, 4.0]]))
+    assert bank.rows[2].tolist() == pytest.approx([0.6, 0.8])
+    assert MemoryBank(1000, 384).rows.nbytes == 1000 * 384 * 4
+    assert MemoryBank(1000, 384, dtype=torch.float16).rows.nbytes == 1000 * 384 * 2
+
+
+def test_negatives_never_share_the_label_and_are_capped():
+    labels = [0, 1, 2, 0, 1, 2, 0, 0]
+    sampler = NegativeSampler(labels, m=4)
+    batch = torch.tensor([0, 1, 2, 0])
+    neg = sampler.sample(batch)
+    assert neg.shape == (4, 4)
+    for anchor_label, row in zip(batch.tolist(), neg.tolist()):
+        assert all(labels[j] != anchor_label for j in row)
+    with pytest.warns(UserWarning, match="only 4"):
+        capped = NegativeSampler(labels, m=100)  # label 0 has 4 others, labels 1 and 2 have 6
+    assert capped.m == 4
+
+
+def carl_config(tiny_model_dir, toy_files, out, **kw):
+    base = dict(method="carl", model=str(tiny_model_dir), train_file=str(toy_files["train"]),
+                dev_file=str(toy_files["dev"]), text_column="sentence", output_dir=str(out), batch_size=8, lr=5e-3,
+                max_steps=8, eval_steps=4, log_steps=4, seed=0, warmup_ratio=0.0, group_by_length=False)
+    return TrainConfig(**{**base, **kw})
+
+
+CARL_KNOBS = ContrastiveConfig(carl_start_step=3, carl_negatives=16)
+
+
+def test_fill_pass_touches_every_index_once_without_updating(tiny_model_dir, toy_files, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from carlrar.data import Collator, EncodedSplit, load_files
+    from carlrar.models import load_classifier
+
+    ds = load_files(str(toy_files["train"]), str(toy_files["dev"]), text_column="sentence")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = EncodedSplit(ds.splits["train"], tok, 32)
+    model = load_classifier(str(tiny_model_dir), ds.label_names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    carl = CARL(AdversarialConfig(), CARL_KNOBS, model=model, train_labels=data.labels, total_steps=10)
+    seen = []
+    real_fill = MemoryBank.fill
+    monkeypatch.setattr(MemoryBank, "fill", lambda self, idx, v: (seen.append((id(self), idx.tolist())),
+                                                                   real_fill(self, idx, v)))
+    assert not carl.before_step(2, model, data, Collator(tok.pad_token_id), 16)  # before the start step
+    assert carl.before_step(3, model, data, Collator(tok.pad_token_id), 16)
+    assert not carl.before_step(4, model, data, Collator(tok.pad_token_id), 16)  # only once
+    for bank in (carl.bank_orig, carl.bank_adv):
+        touched = [i for b, idx in seen if b == id(bank) for i in idx]
+        assert sorted(touched) == list(range(len(data)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    # the two banks differ: B_adv holds representations of perturbed inputs
+    assert not torch.allclose(carl.bank_orig.rows, carl.bank_adv.rows)
+
+
+def test_resume_after_fill_gives_same_banks_and_next_losses(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    adv = AdversarialConfig(adv_init_mag=0.0)
+    train(carl_config(tiny_model_dir, toy_files, tmp_path / "straight"), adv, CARL_KNOBS)
+    real_step, calls = CARL.training_step, {"n": 0}
+
+    def crash_after_fill(self, *a, **kw):
+        if self.filled:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(CARL, "training_step", crash_after_fill)
+    with pytest.raises(KeyboardInterrupt):
+        train(carl_config(tiny_model_dir, toy_files, tmp_path / "resumed"), adv, CARL_KNOBS)
+    assert json.loads((tmp_path / "resumed/checkpoint/trainer_state.json").read_text())["step"] == 3
+    monkeypatch.setattr(CARL, "training_step", real_step)
+    train(carl_config(tiny_model_dir, toy_files, tmp_path / "resumed"), adv, CARL_KNOBS)
+    a = load_file(str(tmp_path / "straight/checkpoint/method_state.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoint/method_state.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
+    straight, resumed = lines("straight"), lines("resumed")
+    assert [r["step"] for r in resumed] == [4, 8]
+    assert "train_loss_D" in straight[0] and straight[0]["train_loss_D"] > 0
+    assert [r.get("train_loss_D") for r in resumed] == [r.get("train_loss_D") for r in straight]
+    assert [r["dev_loss"] for r in resumed] == [r["dev_loss"] for r in straight]
+
+
+def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_model_dir, toy_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    from carlrar.attack import attack_split
+    from carlrar.data import EncodedSplit, load_files
+    from carlrar.models import load_trained
+
+    adv = AdversarialConfig(adv_init_mag=0.0, adv_lr=0.3, adv_steps=2)
+    common = dict(max_steps=200, eval_steps=0, log_steps=100, lr=1e-3)
+    train(carl_config(tiny_model_dir, toy_files, tmp_path / "freelb", method="freelb", **common), adv)
+    train(carl_config(tiny_model_dir, toy_files, tmp_path / "carl", **common), adv,
+          ContrastiveConfig(carl_start_step=50, carl_negatives=16))
+    ds = load_files(str(toy_files["train"]), str(toy_files["dev"]), text_column="sentence")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = EncodedSplit(ds.splits["train"], tok, 32)
+
+    def last(run):  # the weights after the last step (the output dir holds the best-dev ones)
+        model = load_trained(tmp_path / run)
+        model.load_state_dict(load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")))
+        return model
+
+    cos = {m: attack_split(last(m), data, tok.pad_token_id, [0.3], steps=3, progress=False)["attacks"][0]["mean_cos"]
+           for m in ("freelb", "carl")}
+    assert cos["carl"] > cos["freelb"], cos
