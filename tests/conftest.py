@@ -21,20 +21,29 @@ NEGATIVE = ["a terrible film", "boring and far too long", "i hated it", "dull an
             "a mess from start to finish", "awful", "cold , flat and stupid", "the worst film this year"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32, dropout-free random BERT saved as a local model directory, with the MiniLM tokenizer."""
+def make_tiny_bert(path: Path, dropout: float) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from carlrar.models import minilm_path
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic tests
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32, dropout-free random BERT saved as a local model directory, with the MiniLM tokenizer."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.0)  # deterministic tests
+
+
+@pytest.fixture(scope="session")
+def tiny_dropout_model_dir(tmp_path_factory) -> Path:
+    """The same with dropout 0.1: anything that moves the RNG shows up in its results."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-dropout"), dropout=0.1)
 
 
 def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:

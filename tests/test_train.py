@@ -96,11 +96,15 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, toy_files, t
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, toy_files, tmp_path, monkeypatch):
-    from carlrar.methods import Base
+@pytest.mark.parametrize("method", ["base", "freelb"])
+def test_interrupted_run_resumes_to_the_same_weights(tiny_dropout_model_dir, toy_files, tmp_path, monkeypatch,
+                                                     method):
+    from carlrar.methods import METHODS
 
-    train(cfg_for(tiny_model_dir, toy_files, tmp_path / "straight"))
-    real_step, calls = Base.training_step, {"n": 0}
+    Method = METHODS[method]
+    tiny_model_dir = tiny_dropout_model_dir  # dropout and FreeLB's random init both draw from the RNG
+    train(cfg_for(tiny_model_dir, toy_files, tmp_path / "straight", method=method))
+    real_step, calls = Method.training_step, {"n": 0}
 
     def crash_on_fifth(self, *a, **kw):
         calls["n"] += 1
@@ -108,12 +112,12 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, toy_files, 
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
-    monkeypatch.setattr(Base, "training_step", crash_on_fifth)
+    monkeypatch.setattr(Method, "training_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(tiny_model_dir, toy_files, tmp_path / "resumed"))
+        train(cfg_for(tiny_model_dir, toy_files, tmp_path / "resumed", method=method))
     assert not (tmp_path / "resumed" / "final_metrics.json").exists()
-    monkeypatch.setattr(Base, "training_step", real_step)
-    train(cfg_for(tiny_model_dir, toy_files, tmp_path / "resumed"))
+    monkeypatch.setattr(Method, "training_step", real_step)
+    train(cfg_for(tiny_model_dir, toy_files, tmp_path / "resumed", method=method))
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     for k in a:
         assert torch.equal(a[k], b[k]), k
