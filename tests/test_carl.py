@@ -11,19 +11,27 @@ from safetensors.torch import load_file
 from carlrar.config import TrainConfig
 from carlrar.methods import CARL, AdversarialConfig, ContrastiveConfig
 from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
+from carlrar.objectives.contrastive import bank_scores
 from carlrar.train import train
 
 # B = 2, m = 3, d = 4, unit vectors chosen so every dot product is easy to read off.
-R = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+E = torch.eye(4)
+R = torch.stack([E[0], E[1]])
 R_ADV = torch.tensor([[0.6, 0.8, 0, 0], [0, 0.6, 0.8, 0]])
-NEG_ORIG = torch.tensor([[[0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
-                         [[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]])
-NEG_ADV = torch.tensor([[[0.6, 0.8, 0, 0], [0, 0, 0, 1.0], [0, 0, 0, 1.0]],
-                        [[0, 0, 0, 1.0], [0, 0, 0, 1.0], [0, 0, 0, 1.0]]])
-# dots: L_D^a (anchor R_adv, positive R, negatives NEG_ORIG): ex0 pos 0.6, neg 0.8 0 0 ; ex1 pos 0.6, neg 0 0.8 0
-#       L_D^o (anchor R, positive R_adv, negatives NEG_ADV):  ex0 pos 0.6, neg 0.6 0 0 ; ex1 pos 0.6, neg 0 0 0
+ROWS_ORIG = torch.stack([E[0], E[1], E[2], E[3]])
+NEG = torch.tensor([[1, 2, 3], [0, 2, 3]])  # ex0 draws rows 1, 2, 3; ex1 rows 0, 2, 3 (same ids in both banks)
+# L_D^a (anchor R_adv, positive R, negatives B_orig[NEG]):  ex0 pos 0.6, neg 0.8 0 0 ; ex1 pos 0.6, neg 0 0.8 0
+# L_D^o (anchor R, positive R_adv, negatives B_adv[NEG]):   with B_adv rows 1, 2, 3 := (0.6, 0.8, 0, 0), e4, e4
+#                                                           ex0 pos 0.6, neg 0.6 0 0 ; ex1 pos 0.6, neg 0 0 0
 DOTS_A = [(0.6, [0.8, 0, 0]), (0.6, [0, 0.8, 0])]
 DOTS_O = [(0.6, [0.6, 0, 0]), (0.6, [0, 0, 0])]
+
+
+def banks():
+    orig, adv = MemoryBank(4, 4), MemoryBank(4, 4)
+    orig.rows.copy_(ROWS_ORIG)
+    adv.rows.copy_(torch.stack([E[3], torch.tensor([0.6, 0.8, 0, 0]), E[3], E[3]]))  # rows 1,2,3 as above
+    return orig, adv
 
 
 def softmax_term(dots, tau):
@@ -33,7 +41,7 @@ def softmax_term(dots, tau):
 
 def test_softmax_estimator_by_hand():
     tau = 0.07
-    loss, logs = ContrastiveLoss(tau, "softmax")(R, R_ADV, NEG_ORIG, NEG_ADV)
+    loss, logs = ContrastiveLoss(tau, "softmax")(R, R_ADV, *banks(), NEG)
     assert logs["loss_D_a"] == pytest.approx(softmax_term(DOTS_A, tau), rel=1e-5)
     assert logs["loss_D_o"] == pytest.approx(softmax_term(DOTS_O, tau), rel=1e-5)
     assert loss.item() == pytest.approx(softmax_term(DOTS_A, tau) + softmax_term(DOTS_O, tau), rel=1e-5)
@@ -55,30 +63,47 @@ def test_nce_estimator_by_hand_with_fixed_then_moving_z():
         return N * sum(hs) / len(hs)
 
     crd = ContrastiveLoss(tau, "nce", num_rows=N, z_momentum=0.0)
-    _, logs = crd(R, R_ADV, NEG_ORIG, NEG_ADV)
+    _, logs = crd(R, R_ADV, *banks(), NEG)
     za, zo = z_of(DOTS_A), z_of(DOTS_O)
     assert logs["loss_D_a"] == pytest.approx(nce_term(DOTS_A, za), rel=1e-5)
     assert logs["loss_D_o"] == pytest.approx(nce_term(DOTS_O, zo), rel=1e-5)
     # CRD keeps the first Z; the moving average mixes in the new batch's estimate
-    crd(R, R_ADV, NEG_ORIG * 0, NEG_ADV * 0)
+    zero = MemoryBank(4, 4)
+    zero.rows.zero_()
+    crd(R, R_ADV, zero, zero, NEG)
     assert crd.Z.tolist() == pytest.approx([zo, za], rel=1e-6)
     ema = ContrastiveLoss(tau, "nce", num_rows=N, z_momentum=0.9)
-    ema(R, R_ADV, NEG_ORIG, NEG_ADV)
-    ema(R, R_ADV, NEG_ORIG * 0, NEG_ADV * 0)  # negatives' dots all 0 now
+    ema(R, R_ADV, *banks(), NEG)
+    ema(R, R_ADV, zero, zero, NEG)  # negatives' dots all 0 now
     za2 = z_of([(0.6, [0, 0, 0]), (0.6, [0, 0, 0])])
     assert ema.Z[1].item() == pytest.approx(0.9 * za + 0.1 * za2, rel=1e-6)
 
 
 def test_each_anchor_gets_gradient_and_the_banks_none():
     r, r_adv = R.clone().requires_grad_(), R_ADV.clone().requires_grad_()
-    bank = MemoryBank(6, 4)
-    neg = bank(torch.tensor([[1, 2, 3], [0, 4, 5]]))
+    orig, adv = banks()
     loss_fn = ContrastiveLoss(0.07)
-    loss_fn.term(r, r_adv.detach(), neg, view=0).backward()  # L_D^o alone: its anchor R moves
+    pos = (r * r_adv.detach()).sum(1)
+    loss_fn.term(pos, bank_scores(r, adv, NEG), view=0).backward()  # L_D^o alone: its anchor R moves
     assert r.grad.abs().sum() > 0 and r_adv.grad is None
-    loss_fn.term(r_adv, r.detach(), neg, view=1).backward()  # L_D^a alone: its anchor R^adv moves
+    pos = (r_adv * r.detach()).sum(1)
+    loss_fn.term(pos, bank_scores(r_adv, orig, NEG), view=1).backward()  # L_D^a alone: its anchor R^adv moves
     assert r_adv.grad.abs().sum() > 0
-    assert not bank.rows.requires_grad and bank.rows.grad is None
+    assert not orig.rows.requires_grad and orig.rows.grad is None and adv.rows.grad is None
+    r.grad = r_adv.grad = None
+    loss, _ = loss_fn(r, r_adv, orig, adv, NEG)  # both terms, live positives: both get gradient
+    loss.backward()
+    assert r.grad.abs().sum() > 0 and r_adv.grad.abs().sum() > 0
+
+
+def test_bank_positives_option_uses_the_other_views_rows():
+    orig, adv = banks()
+    index = torch.tensor([1, 2])  # B_orig rows e2, e3 ; B_adv rows (0.6, 0.8, 0, 0), e4
+    _, logs = ContrastiveLoss(1.0)(R, R_ADV, orig, adv, NEG, index=index)
+    # L_D^a positives: R_adv · B_orig[index] = 0.8, 0.8 ; L_D^o positives: R · B_adv[index] = 0.6, 0
+    assert logs["score_pos"] == pytest.approx((0.8 + 0.8) / 2)
+    expected_o = softmax_term([(0.6, [0.6, 0, 0]), (0.0, [0, 0, 0])], 1.0)
+    assert logs["loss_D_o"] == pytest.approx(expected_o, rel=1e-5)
 
 
 def test_bank_update_is_eq5_then_normalised_and_fp16_halves_memory():

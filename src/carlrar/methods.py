@@ -234,16 +234,11 @@ class CARL(FreeLB):
             torch.set_rng_state(self.rng)
         R = F.normalize(model(batch["input_ids"], batch["attention_mask"]).R, dim=1)  # the original input
         R_adv = F.normalize(out.R, dim=1)
-        index, labels = batch["index"], batch["labels"]
-        negatives = self.sampler.sample(labels)
-        neg_orig, neg_adv = self.bank_orig(negatives), self.bank_adv(negatives)
-        bank_pos = self.carl.carl_positive == "bank"
-        loss, logs = self.loss(R, R_adv, neg_orig, neg_adv, pos_for_adv=self.bank_orig(index) if bank_pos else None,
-                               pos_for_orig=self.bank_adv(index) if bank_pos else None)
-        with torch.no_grad():
-            logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item(),
-                        score_pos=(R * R_adv).sum(1).mean().item() / self.carl.carl_temperature,
-                        score_neg=torch.einsum("bd,bmd->bm", R_adv, neg_orig).mean().item() / self.carl.carl_temperature)
+        index = batch["index"]
+        negatives = self.sampler.sample(batch["labels"])
+        loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,
+                               index=index if self.carl.carl_positive == "bank" else None)
+        logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item())
         self.bank_orig.update(index, R)
         self.bank_adv.update(index, R_adv)
         return self.carl.carl_weight * loss, logs

@@ -70,6 +70,13 @@ class NegativeSampler:
         return out
 
 
+def bank_scores(anchor: torch.Tensor, bank: MemoryBank, index: torch.Tensor) -> torch.Tensor:
+    """anchor · bank[index[b, j]] for every row b (B × m), without building a B × m × d tensor: anchors in a
+    batch share most drawn rows, so score each distinct row once (B × |unique| matmul) and pick."""
+    unique, where = torch.unique(index, return_inverse=True)
+    return (anchor @ bank(unique).T).gather(1, where)
+
+
 class ContrastiveLoss(nn.Module):
     """L_D = L_D^o + L_D^a (Eq. 2–3) with h(x, y) = exp(x·y / τ) (Eq. 4) on L2-normalised representations.
 
@@ -83,15 +90,17 @@ class ContrastiveLoss(nn.Module):
       N·mean(h) (CRD) and, with ``z_momentum`` > 0, follows an exponential moving average of that (better
       behaved than CRD's fixed first-batch Z).
 
-    Relations: InfoNCE / CPC (softmax), CRD (nce, bank positives); sentence-transformers' MultipleNegativesRanking
-    loss is the softmax estimator with in-batch negatives instead of a memory bank.
+    Inputs: R, R^adv (B × d, normalised), the two banks and ``negatives`` (B × m dataset indices). Gradients reach
+    R and R^adv only; bank rows are buffers.
+
+    Relations: InfoNCE / CPC (softmax), CRD (nce, bank positives); sentence-transformers'
+    MultipleNegativesRankingLoss is the softmax estimator with in-batch negatives instead of a memory bank.
 
     Example::
 
-        loss = ContrastiveLoss(temperature=0.07)
+        banks = MemoryBank(100, 4), MemoryBank(100, 4)
         r, r_adv = F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(2, 4), dim=1)
-        neg = F.normalize(torch.randn(2, 3, 4), dim=2)
-        value, logs = loss(r, r_adv, neg_orig=neg, neg_adv=neg)
+        value, logs = ContrastiveLoss(temperature=0.07)(r, r_adv, *banks, torch.randint(100, (2, 16)))
     """
 
     def __init__(self, temperature: float = 0.07, estimator: str = "softmax", num_rows: int = 0,
@@ -102,11 +111,9 @@ class ContrastiveLoss(nn.Module):
         self.temperature, self.estimator, self.num_rows, self.z_momentum = temperature, estimator, num_rows, z_momentum
         self.register_buffer("Z", torch.full((2,), -1.0))  # one normalising constant per anchor view (o, a)
 
-    def term(self, anchor, positive, negatives, view: int) -> torch.Tensor:
-        """One of Eq. 2's two terms, averaged over the batch. anchor, positive: B × d; negatives: B × m × d."""
-        pos = (anchor * positive).sum(-1, keepdim=True) / self.temperature
-        neg = torch.einsum("bd,bmd->bm", anchor, negatives) / self.temperature
-        scores = torch.cat([pos, neg], dim=1)
+    def term(self, pos: torch.Tensor, neg: torch.Tensor, view: int) -> torch.Tensor:
+        """One of Eq. 2's two terms from dot products: pos (B), neg (B × m); averaged over the batch."""
+        scores = torch.cat([pos.unsqueeze(1), neg], dim=1) / self.temperature
         if self.estimator == "softmax":
             return -torch.log_softmax(scores, dim=1)[:, 0].mean()
         h = scores.exp()
@@ -117,14 +124,20 @@ class ContrastiveLoss(nn.Module):
             elif self.z_momentum > 0:
                 self.Z[view] = self.z_momentum * self.Z[view] + (1 - self.z_momentum) * estimate
         P = h / self.Z[view]
-        m, Pn = negatives.size(1), 1.0 / self.num_rows
+        m, Pn = neg.size(1), 1.0 / self.num_rows
         log_pos = torch.log(P[:, 0] / (P[:, 0] + m * Pn))
         log_neg = torch.log(m * Pn / (P[:, 1:] + m * Pn)).sum(1)
         return -(log_pos + log_neg).mean()
 
-    def forward(self, R, R_adv, neg_orig, neg_adv, pos_for_adv=None, pos_for_orig=None):
-        """L_D for normalised R, R^adv (B × d) and bank negatives (B × m × d). ``pos_for_*`` override the live
-        positives (the CRD option): pos_for_adv is R's stand-in, pos_for_orig R^adv's."""
-        loss_a = self.term(R_adv, R if pos_for_adv is None else pos_for_adv, neg_orig, view=1)
-        loss_o = self.term(R, R_adv if pos_for_orig is None else pos_for_orig, neg_adv, view=0)
-        return loss_o + loss_a, {"loss_D_o": loss_o.item(), "loss_D_a": loss_a.item()}
+    def forward(self, R, R_adv, bank_orig: MemoryBank, bank_adv: MemoryBank, negatives: torch.Tensor,
+                index: torch.Tensor | None = None):
+        """L_D and its parts. With ``index`` (the batch's dataset indices) the positives are the other view's bank
+        rows (CRD); without, the live R / R^adv (Eq. 2)."""
+        pos_a = (R_adv * (R if index is None else bank_orig(index))).sum(1)
+        pos_o = (R * (R_adv if index is None else bank_adv(index))).sum(1)
+        neg_a = bank_scores(R_adv, bank_orig, negatives)
+        neg_o = bank_scores(R, bank_adv, negatives)
+        loss_a, loss_o = self.term(pos_a, neg_a, view=1), self.term(pos_o, neg_o, view=0)
+        return loss_o + loss_a, {"loss_D_o": loss_o.item(), "loss_D_a": loss_a.item(),
+                                 "score_pos": pos_a.mean().item() / self.temperature,
+                                 "score_neg": neg_a.mean().item() / self.temperature}
