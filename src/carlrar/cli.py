@@ -1,4 +1,4 @@
-"""``carlrar`` command line: train, evaluate, attack, predict, compare, methods.
+"""``carlrar`` command line: train, evaluate, attack, generate, augment, predict, compare, methods.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2; nothing is half-written.
 """
@@ -125,12 +125,88 @@ def cmd_attack(argv: list[str]):
     print(f"results written to {out}", file=sys.stderr)
 
 
-def cmd_predict(argv: list[str]):
-    import torch
-
-    from carlrar.data import Collator, eval_batches, read_examples
-    from carlrar.models import load_trained
+def cmd_generate(argv: list[str]):
     from transformers import AutoTokenizer
+
+    from carlrar.generate import generate_split, summarize
+    from carlrar.models import load_trained
+
+    p = ArgumentParser(prog="carlrar generate", description="text-form adversarial samples decoded from RAR's "
+                       "reconstructor on k-PGD-attacked inputs (Table 6), and their transfer to a --target model")
+    p.add_argument("--model", required=True, help="a model trained with --method rar or carl-rar")
+    _data_args(p)
+    p.add_argument("--eps", type=float, default=0.1, help="attack radius (default 0.1)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--step-size", type=float, default=None, help="default ε/4")
+    p.add_argument("--norm", choices=["l2", "linf"], default="l2")
+    p.add_argument("--target", help="another trained model to fool with the generated texts (e.g. plain fine-tuning)")
+    p.add_argument("--max-edit-rate", type=float, default=None, help="keep samples with at most this token edit rate")
+    p.add_argument("--limit", type=int, default=None, help="a seeded random subset of this many examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="JSONL or CSV of samples (default MODEL/generated_<dataset>_<split>.jsonl)")
+    args = p.parse_args(argv)
+    if args.eps < 0 or args.steps < 0:
+        raise UserError("--eps and --steps must be ≥ 0")
+    model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
+    if "reconstructor" not in model.heads:
+        raise UserError(f"{args.model} has no reconstructor: train it with --method rar or carl-rar")
+    target = load_trained(args.target) if args.target else None
+    records = generate_split(model, tokenizer, data, data.texts, names, args.eps, args.steps, args.step_size,
+                             args.norm, args.batch_size, target, AutoTokenizer.from_pretrained(args.target)
+                             if target is not None else None, args.max_length)
+    if args.max_edit_rate is not None:
+        records = [r for r in records if r["edit_rate"] <= args.max_edit_rate]
+    summary = summarize(records)
+    tag = Path(args.file).stem if args.file else f"{args.dataset}_{args.split}"
+    out = Path(args.output or Path(args.model) / f"generated_{tag}.jsonl")
+    if out.suffix == ".csv":
+        import csv
+
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["text"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary_file = out.with_name(out.stem + "_summary.json")
+    summary_file.write_text(json.dumps({"model": args.model, "target": args.target, "eps": args.eps,
+                                        "steps": args.steps, **summary}, indent=2))
+    print(json.dumps(summary, indent=2))
+    for r in records[:5]:
+        print(f"[{r['label']}] {r['original_decoded']}\n   → {r['generated']}  (edit rate {r['edit_rate']:.2f})")
+    print(f"samples written to {out}, summary to {summary_file}", file=sys.stderr)
+
+
+def cmd_augment(argv: list[str]):
+    p = ArgumentParser(prog="carlrar augment", description="turn generated samples into a training file "
+                       "(TSV with header text, label) usable with --train-file")
+    p.add_argument("--samples", required=True, help="JSONL written by carlrar generate")
+    p.add_argument("--output", required=True, help="TSV to write")
+    p.add_argument("--with-originals", action="store_true", help="also write the original texts")
+    p.add_argument("--max-edit-rate", type=float, default=None)
+    args = p.parse_args(argv)
+    try:
+        records = [json.loads(line) for line in Path(args.samples).read_text(encoding="utf-8").splitlines() if line]
+    except FileNotFoundError:
+        raise UserError(f"{args.samples}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{args.samples}: not a JSONL file written by carlrar generate") from None
+    if not records or not all("generated" in r and "label" in r for r in records):
+        raise UserError(f"{args.samples}: no samples with 'generated' and 'label' fields")
+    keep = [r for r in records if r["changed"] and (args.max_edit_rate is None or r["edit_rate"] <= args.max_edit_rate)]
+    clean = lambda t: " ".join(t.replace("\t", " ").split())  # noqa: E731  (TSV: no tabs or newlines)
+    rows = [(clean(r["generated"]), r["label"]) for r in keep]
+    rows += [(clean(r["text"]), r["label"]) for r in records] if args.with_originals else []
+    Path(args.output).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows if t), encoding="utf-8")
+    print(f"{len(rows)} rows written to {args.output} ({len(keep)} generated)", file=sys.stderr)
+
+
+def cmd_predict(argv: list[str]):
+    from transformers import AutoTokenizer
+
+    from carlrar.data import read_examples
+    from carlrar.evaluate import predict_texts
+    from carlrar.models import load_trained
 
     p = ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
     p.add_argument("--model", required=True)
@@ -153,14 +229,7 @@ def cmd_predict(argv: list[str]):
     if not texts:
         raise UserError(f"{args.file or 'stdin'}: no text to predict")
     model, tokenizer = load_trained(args.model), AutoTokenizer.from_pretrained(args.model)
-    model.eval()
-    ids = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    probs = torch.empty(len(texts), model.config.num_labels)
-    collate = Collator(tokenizer.pad_token_id)
-    with torch.no_grad():
-        for idx in eval_batches([len(x) for x in ids], args.batch_size):
-            batch = collate([{"input_ids": ids[i], "label": 0, "index": i} for i in idx])
-            probs[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.softmax(-1)
+    probs = predict_texts(model, tokenizer, texts, args.max_length, args.batch_size)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     lines = [json.dumps({"text": t, "label": names[int(p.argmax())],
                          "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) for t, p in zip(texts, probs)]
@@ -216,7 +285,7 @@ def _data_args(p: ArgumentParser):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
-            "compare": cmd_compare, "methods": cmd_methods}
+            "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None):

@@ -329,6 +329,7 @@ class EncodedSplit(torch.utils.data.Dataset):
 
     def __init__(self, split: Split, tokenizer, max_length: int):
         enc = tokenizer(split.texts, truncation=True, max_length=max_length)
+        self.texts = split.texts
         self.input_ids = enc["input_ids"]
         self.labels = split.labels
         self.lengths = [len(ids) for ids in self.input_ids]

@@ -26,6 +26,21 @@ def predict_logits(model, encoded: EncodedSplit, pad_token_id: int, batch_size: 
     return logits
 
 
+@torch.no_grad()
+def predict_texts(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities (len(texts) × labels) for raw texts, in input order."""
+    was_training = model.training
+    model.eval()
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    probs = torch.empty(len(texts), model.config.num_labels)
+    collate = Collator(tokenizer.pad_token_id)
+    for idx in eval_batches([len(x) for x in ids], batch_size):
+        batch = collate([{"input_ids": ids[i], "label": 0, "index": i} for i in idx])
+        probs[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.float().softmax(-1)
+    model.train(was_training)
+    return probs
+
+
 def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:
     """Accuracy, macro-F1 (mean of per-class F1, 0 where undefined), per-class accuracy (= recall), confusion.
 

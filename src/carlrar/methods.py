@@ -180,7 +180,7 @@ class CARL(FreeLB):
 
     def __init__(self, adv: AdversarialConfig, carl: ContrastiveConfig, model=None, train_labels=(),
                  total_steps: int = 0, **_):
-        super().__init__(adv)
+        FreeLB.__init__(self, adv)  # explicit: CARLRAR combines CARL and RAR
         from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
 
         self.carl = carl
@@ -255,7 +255,66 @@ class CARL(FreeLB):
         self.filled = bool(state["filled"].item())
 
 
-METHODS: dict[str, type] = {"base": Base, "freelb": FreeLB, "pgd": PGD, "fgm": FGM, "carl": CARL}
+@dataclass
+class ReconstructionConfig:
+    """RAR (Eq. 7)."""
+
+    rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
+
+
+def _pretrained_tensors(name: str) -> dict:
+    """The encoder checkpoint's tensors (to find an MLM head), or {} when there is no local safetensors file."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from carlrar.models import resolve
+
+    files = sorted(Path(resolve(name)).glob("*.safetensors")) if Path(resolve(name)).is_dir() else []
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+class RAR(FreeLB):
+    """RAR: FreeLB whose every adversarial pass also reconstructs the original tokens from its token states
+    through a head tied to the word embeddings; pass loss L_C + w_r·L_R (Eq. 7), from the first step."""
+
+    config_classes = (AdversarialConfig, ReconstructionConfig)
+
+    def __init__(self, adv: AdversarialConfig, rar: ReconstructionConfig, model=None, train_config=None, **_):
+        FreeLB.__init__(self, adv)  # explicit: CARLRAR combines CARL and RAR
+        from carlrar.objectives.reconstruction import load_mlm_head
+
+        self.rar = rar
+        self.head = _inner(model).add_reconstructor()
+        name = getattr(train_config, "model", None)
+        self.head_from_mlm = bool(name) and load_mlm_head(self.head, _pretrained_tensors(name))
+
+    def pass_objective(self, model, batch, out, t):
+        from carlrar.objectives.reconstruction import reconstruction_loss
+
+        logits = _inner(model).heads["reconstructor"](out.token_states)
+        loss = reconstruction_loss(logits, batch["input_ids"], batch["attention_mask"])
+        n = self.config.adv_steps
+        return self.rar.rar_weight * loss / n, {"loss_R": loss.item() / n}
+
+
+class CARLRAR(CARL, RAR):
+    """CARL and RAR together: L_C + w_r·L_R on every adversarial pass, + L_D on the last (not in the paper)."""
+
+    config_classes = (AdversarialConfig, ContrastiveConfig, ReconstructionConfig)
+
+    def __init__(self, adv, carl, rar, **kw):
+        CARL.__init__(self, adv, carl, **kw)
+        RAR.__init__(self, adv, rar, **kw)
+
+    def pass_objective(self, model, batch, out, t):
+        carl_loss, carl_logs = CARL.pass_objective(self, model, batch, out, t)
+        rar_loss, rar_logs = RAR.pass_objective(self, model, batch, out, t)
+        return carl_loss + rar_loss, {**carl_logs, **rar_logs}
+
+
+METHODS: dict[str, type] = {"base": Base, "freelb": FreeLB, "pgd": PGD, "fgm": FGM, "carl": CARL, "rar": RAR,
+                            "carl-rar": CARLRAR}
 
 
 def config_classes() -> tuple[type, ...]:

@@ -8,6 +8,7 @@ PGD and the k-PGD attack put their perturbation δ.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,11 @@ import torch
 from torch import nn
 from transformers import AlbertConfig, AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from safetensors.torch import load_file, save_file
+
 from carlrar.errors import UserError
+
+HEADS_FILE, HEADS_CONFIG = "carlrar_heads.safetensors", "carlrar_heads.json"
 
 # albert-base-v2's shape (GUIDE §2): AlbertConfig() alone is the xxlarge shape.
 ALBERT_BASE_V2 = dict(vocab_size=30000, embedding_size=128, hidden_size=768, num_hidden_layers=12,
@@ -51,6 +56,7 @@ class Classifier(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        self.heads = nn.ModuleDict()  # method heads (RAR's reconstructor), saved beside the HF files
 
     @property
     def config(self):
@@ -75,9 +81,24 @@ class Classifier(nn.Module):
         return ClassifierOutput(out.logits, states[:, 0], states)
 
     def save(self, directory: str | Path, tokenizer=None):
+        """HF files (pipeline() loads them) plus ``carlrar_heads.safetensors`` when there are heads."""
         self.hf.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+        if len(self.heads):
+            save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()},
+                      str(Path(directory) / HEADS_FILE))
+            (Path(directory) / HEADS_CONFIG).write_text(json.dumps({n: h.spec() for n, h in self.heads.items()}))
+
+    def add_reconstructor(self):
+        """Attach RAR's reconstructor, tied to the word embeddings (initialised from a pretrained MLM head if the
+        encoder's checkpoint has one); returns it."""
+        from carlrar.objectives.reconstruction import Reconstructor
+
+        if "reconstructor" not in self.heads:
+            self.heads["reconstructor"] = Reconstructor(self.config.hidden_size, self.word_embeddings,
+                                                        getattr(self.config, "layer_norm_eps", 1e-12))
+        return self.heads["reconstructor"]
 
 
 def _label_kwargs(label_names: list[str]) -> dict:
@@ -112,7 +133,13 @@ def load_trained(directory: str | Path) -> Classifier:
         hf = AutoModelForSequenceClassification.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from None
-    return Classifier(hf)
+    model = Classifier(hf)
+    if (Path(directory) / HEADS_CONFIG).is_file():
+        for name in json.loads((Path(directory) / HEADS_CONFIG).read_text()):
+            if name == "reconstructor":
+                model.add_reconstructor()
+        model.heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
+    return model
 
 
 def load_tokenizer(name: str, train_texts: list[str] | None = None):

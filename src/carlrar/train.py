@@ -115,13 +115,15 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
     steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    # before the optimiser: a method may add heads to the model (RAR's reconstructor)
+    method = method_cls(*method_configs, model=model, train_labels=train_data.labels, total_steps=total_steps,
+                        train_config=cfg)
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n  # noqa: E731
     groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    method = method_cls(*method_configs, model=model, train_labels=train_data.labels, total_steps=total_steps)
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0}
