@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset  # noqa: E402
-from carlrar.methods import METHODS, AdversarialConfig, ContrastiveConfig  # noqa: E402
+from carlrar.methods import METHODS, AdversarialConfig, ContrastiveConfig, ReconstructionConfig  # noqa: E402
 from carlrar.models import load_classifier, load_tokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -27,8 +27,14 @@ VARIANTS = {  # name → (method, *configs); no configs → the method's default
     "freelb n=2": ("freelb", AdversarialConfig(adv_steps=2)),
     "freelb n=3": ("freelb", AdversarialConfig(adv_steps=3)),
     "carl n=2": ("carl", AdversarialConfig(adv_steps=2), ContrastiveConfig(carl_start_step=0)),
+    "rar n=2": ("rar", AdversarialConfig(adv_steps=2), ReconstructionConfig()),
+    "rar n=2 last": ("rar", AdversarialConfig(adv_steps=2), ReconstructionConfig(rar_passes="last")),
+    "carl-rar n=2": ("carl-rar", AdversarialConfig(adv_steps=2), ContrastiveConfig(carl_start_step=0),
+                     ReconstructionConfig()),
 }
-RELATIVE_TO = {"carl n=2": "freelb n=2"}  # extra ratio column: the method each one is built on
+# extra ratio column: the method each one is built on
+RELATIVE_TO = {"carl n=2": "freelb n=2", "rar n=2": "freelb n=2", "rar n=2 last": "freelb n=2",
+               "carl-rar n=2": "freelb n=2"}
 
 
 def main():
@@ -46,10 +52,9 @@ def main():
     batches = [collate([data[i] for i in b]) for b in list(sampler)[: args.batches]]
     torch.manual_seed(0)
     model = load_classifier("minilm", ds.label_names).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     names = args.variants.split(",")
     methods = {}
-    for n in names:
+    for n in names:  # (RAR adds its head to the model here, before the optimiser sees the parameters)
         cls = METHODS[VARIANTS[n][0]]
         configs = VARIANTS[n][1:] or [c() for c in cls.config_classes]
         # CARL: banks sized for the full SST-2 train set, so m = 16,000 negatives are really drawn; their
@@ -57,6 +62,7 @@ def main():
         methods[n] = cls(*configs, model=model, train_labels=ds.split("train").labels, total_steps=1)
         if hasattr(methods[n], "filled"):
             methods[n].filled = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     times = {n: [] for n in names}
     for n in names:  # warm-up
         methods[n].training_step(model, batches[0], lambda loss: loss.backward())

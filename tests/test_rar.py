@@ -87,3 +87,28 @@ def test_rar_learns_to_reconstruct_and_generation_round_trips(rar_run, tiny_mode
     assert s["changed"] <= 0.5, s  # most clean inputs come back as themselves
     attacked = summarize(generate_split(model, tok, data, texts, ["0", "1"], eps=5.0, steps=5, progress=False))
     assert attacked["mean_edit_rate"] >= s["mean_edit_rate"]
+
+
+def test_cli_generate_augment_and_retrain(rar_run, tiny_model_dir, tmp_path, capsys):
+    from carlrar.cli import main
+
+    out, samples = rar_run / "out", tmp_path / "samples.jsonl"
+    main(["generate", "--model", str(out), "--file", str(rar_run / "dev.tsv"), "--text-column", "sentence",
+          "--eps", "2.0", "--steps", "3", "--target", str(out), "--output", str(samples)])
+    records = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert len(records) == 16 and {"text", "generated", "label", "edit_rate", "model_on_generated",
+                                   "target_on_original"} <= set(records[0])
+    summary = json.loads((tmp_path / "samples_summary.json").read_text())
+    assert summary["n"] == 16 and 0 <= summary["transfer_success_rate"] <= 1
+    assert summary["changed"] == pytest.approx(sum(r["changed"] for r in records) / 16)
+    aug = tmp_path / "aug.tsv"
+    main(["augment", "--samples", str(samples), "--output", str(aug), "--with-originals"])
+    lines = aug.read_text().splitlines()
+    written = sum(r["changed"] and bool(r["generated"].split()) for r in records)  # empty decodes are skipped
+    assert lines[0] == "text\tlabel" and len(lines) - 1 == written + 16
+    train(TrainConfig(model=str(tiny_model_dir), train_file=str(aug), output_dir=str(tmp_path / "re"), max_steps=2,
+                      batch_size=8))  # the augmented file is a valid training file
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a model without a reconstructor cannot generate
+        main(["generate", "--model", str(tmp_path / "re"), "--file", str(aug)])
+    assert exit_info.value.code == 2 and "no reconstructor" in capsys.readouterr().err

@@ -193,11 +193,12 @@ def cmd_augment(argv: list[str]):
         raise UserError(f"{args.samples}: not a JSONL file written by carlrar generate") from None
     if not records or not all("generated" in r and "label" in r for r in records):
         raise UserError(f"{args.samples}: no samples with 'generated' and 'label' fields")
-    keep = [r for r in records if r["changed"] and (args.max_edit_rate is None or r["edit_rate"] <= args.max_edit_rate)]
+    keep = [r for r in records if r["changed"] and r["generated"].split()
+            and (args.max_edit_rate is None or r["edit_rate"] <= args.max_edit_rate)]
     clean = lambda t: " ".join(t.replace("\t", " ").split())  # noqa: E731  (TSV: no tabs or newlines)
     rows = [(clean(r["generated"]), r["label"]) for r in keep]
     rows += [(clean(r["text"]), r["label"]) for r in records] if args.with_originals else []
-    Path(args.output).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows if t), encoding="utf-8")
+    Path(args.output).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
     print(f"{len(rows)} rows written to {args.output} ({len(keep)} generated)", file=sys.stderr)
 
 

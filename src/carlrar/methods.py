@@ -260,6 +260,7 @@ class ReconstructionConfig:
     """RAR (Eq. 7)."""
 
     rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
+    rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)")
 
 
 def _pretrained_tensors(name: str) -> dict:
@@ -292,9 +293,11 @@ class RAR(FreeLB):
     def pass_objective(self, model, batch, out, t):
         from carlrar.objectives.reconstruction import reconstruction_loss
 
+        if self.rar.rar_passes == "last" and t < self.config.adv_steps - 1:
+            return 0.0, {}
         logits = _inner(model).heads["reconstructor"](out.token_states)
         loss = reconstruction_loss(logits, batch["input_ids"], batch["attention_mask"])
-        n = self.config.adv_steps
+        n = self.config.adv_steps if self.rar.rar_passes == "all" else 1  # same total weight either way
         return self.rar.rar_weight * loss / n, {"loss_R": loss.item() / n}
 
 
