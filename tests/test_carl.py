@@ -220,3 +220,12 @@ def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_model_dir, toy_fil
     cos = {m: attack_split(last(m), data, tok.pad_token_id, [0.3], steps=3, progress=False)["attacks"][0]["mean_cos"]
            for m in ("freelb", "carl")}
     assert cos["carl"] > cos["freelb"], cos
+
+
+def test_bank_scores_same_whether_gathered_or_over_the_whole_bank():
+    bank = MemoryBank(50, 8)
+    anchor = F.normalize(torch.randn(4, 8), dim=1)
+    few, many = torch.randint(50, (4, 3)), torch.randint(50, (4, 20))  # 12 < 50 ids: gather; 80 ≥ 50: whole bank
+    for index in (few, many):
+        expected = torch.einsum("bd,bmd->bm", anchor, bank.rows[index])
+        assert torch.allclose(bank_scores(anchor, bank, index), expected, atol=1e-6)

@@ -264,7 +264,7 @@ def cmd_compare(argv: list[str]):
     for run, m, by_eps in rows:
         cells = [f"{by_eps[e]['accuracy']:.4f} ({by_eps[e]['mean_cos']:.3f})" if e in by_eps else "–" for e in eps]
         table.add_row(str(run), m["method"], f"{m['dev']['accuracy']:.4f}", *cells, f"{m['examples_per_s']:.0f}")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def cmd_methods(argv: list[str]):

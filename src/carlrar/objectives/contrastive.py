@@ -71,8 +71,11 @@ class NegativeSampler:
 
 
 def bank_scores(anchor: torch.Tensor, bank: MemoryBank, index: torch.Tensor) -> torch.Tensor:
-    """anchor · bank[index[b, j]] for every row b (B × m), without building a B × m × d tensor: anchors in a
-    batch share most drawn rows, so score each distinct row once (B × |unique| matmul) and pick."""
+    """anchor · bank[index[b, j]] for every row b (B × m), without building a B × m × d tensor: score each distinct
+    drawn row once and pick. When the batch draws at least N ids (SST-2: 32 × 16,000 vs 67,349 rows) nearly every
+    row is hit, and one matmul over the whole bank is cheaper than gathering the rows first."""
+    if index.numel() >= len(bank.rows):
+        return (anchor @ bank.rows.float().T).gather(1, index)
     unique, where = torch.unique(index, return_inverse=True)
     return (anchor @ bank(unique).T).gather(1, where)
 
