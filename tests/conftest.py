@@ -21,14 +21,18 @@ NEGATIVE = ["a terrible film", "boring and far too long", "i hated it", "dull an
             "a mess from start to finish", "awful", "cold , flat and stupid", "the worst film this year"]
 
 
-def make_tiny_bert(path: Path, dropout: float) -> Path:
+def make_tiny_bert(path: Path, dropout: float, hidden: int = 32, init_range: float = 0.02,
+                   seed: int | None = None) -> Path:
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from carlrar.models import minilm_path
 
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128,
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=128, initializer_range=init_range,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if seed is not None:
+        torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
     return path
@@ -38,6 +42,13 @@ def make_tiny_bert(path: Path, dropout: float) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32, dropout-free random BERT saved as a local model directory, with the MiniLM tokenizer."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.0)  # deterministic tests
+
+
+@pytest.fixture(scope="session")
+def tiny_learner_dir(tmp_path_factory) -> Path:
+    """Hidden 64, init range 0.2, seed 0: unlike the 0.02-init models, it learns the toy task within ~100 steps
+    with FreeLB, so its representations mean something (a collapsed R gives cos(R, R^adv) = 1 for free)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-learner"), dropout=0.0, hidden=64, init_range=0.2, seed=0)
 
 
 @pytest.fixture(scope="session")

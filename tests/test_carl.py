@@ -196,7 +196,7 @@ def test_resume_after_fill_gives_same_banks_and_next_losses(tiny_model_dir, toy_
     assert [r["dev_loss"] for r in resumed] == [r["dev_loss"] for r in straight]
 
 
-def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_model_dir, toy_files, tmp_path):
+def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_learner_dir, toy_files, tmp_path):
     from transformers import AutoTokenizer
 
     from carlrar.attack import attack_split
@@ -204,12 +204,12 @@ def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_model_dir, toy_fil
     from carlrar.models import load_trained
 
     adv = AdversarialConfig(adv_init_mag=0.0, adv_lr=0.3, adv_steps=2)
-    common = dict(max_steps=200, eval_steps=0, log_steps=100, lr=1e-3)
-    train(carl_config(tiny_model_dir, toy_files, tmp_path / "freelb", method="freelb", **common), adv)
-    train(carl_config(tiny_model_dir, toy_files, tmp_path / "carl", **common), adv,
-          ContrastiveConfig(carl_start_step=50, carl_negatives=16))
+    common = dict(max_steps=150, eval_steps=0, log_steps=1000, lr=1e-3)
+    train(carl_config(tiny_learner_dir, toy_files, tmp_path / "freelb", method="freelb", **common), adv)
+    train(carl_config(tiny_learner_dir, toy_files, tmp_path / "carl", **common), adv,
+          ContrastiveConfig(carl_start_step=37, carl_negatives=16))
     ds = load_files(str(toy_files["train"]), str(toy_files["dev"]), text_column="sentence")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_learner_dir)
     data = EncodedSplit(ds.splits["train"], tok, 32)
 
     def last(run):  # the weights after the last step (the output dir holds the best-dev ones)
@@ -217,9 +217,12 @@ def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_model_dir, toy_fil
         model.load_state_dict(load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")))
         return model
 
-    cos = {m: attack_split(last(m), data, tok.pad_token_id, [0.3], steps=3, progress=False)["attacks"][0]["mean_cos"]
-           for m in ("freelb", "carl")}
-    assert cos["carl"] > cos["freelb"], cos
+    # the perturbation training uses (one unprojected step of α = 0.3), in eval mode, on the training set
+    results = {m: attack_split(last(m), data, tok.pad_token_id, [], steps=1, distance_alphas=[0.3], progress=False)
+               for m in ("freelb", "carl")}
+    assert all(r["clean_accuracy"] == 1.0 for r in results.values())  # both learned: R is not collapsed
+    cos = {m: r["distances"][0]["mean_cos"] for m, r in results.items()}
+    assert cos["carl"] > cos["freelb"], cos  # measured here: 0.971 vs 0.960 (seeds 1, 2: 0.969/0.959, 0.976/0.974)
 
 
 def test_bank_scores_same_whether_gathered_or_over_the_whole_bank():

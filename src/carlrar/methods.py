@@ -239,9 +239,17 @@ class CARL(FreeLB):
         loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,
                                index=index if self.carl.carl_positive == "bank" else None)
         logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item())
-        self.bank_orig.update(index, R)
-        self.bank_adv.update(index, R_adv)
+        self.pending = (index, R.detach(), R_adv.detach())  # applied after the backward, which still reads the rows
         return self.carl.carl_weight * loss, logs
+
+    def training_step(self, model, batch, backward, scale=1.0, step=0):
+        self.pending = None
+        logs = super().training_step(model, batch, backward, scale, step)
+        if self.pending is not None:  # Eq. 5 for this batch's rows
+            index, R, R_adv = self.pending
+            self.bank_orig.update(index, R)
+            self.bank_adv.update(index, R_adv)
+        return logs
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold beyond the model: the banks, NCE's Z and whether the banks are filled."""
