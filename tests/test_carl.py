@@ -232,3 +232,20 @@ def test_bank_scores_same_whether_gathered_or_over_the_whole_bank():
     for index in (few, many):
         expected = torch.einsum("bd,bmd->bm", anchor, bank.rows[index])
         assert torch.allclose(bank_scores(anchor, bank, index), expected, atol=1e-6)
+
+
+def test_projection_head_is_trained_saved_and_reloaded(tiny_model_dir, toy_files, tmp_path):
+    from transformers import pipeline
+
+    from carlrar.models import load_trained
+
+    out = tmp_path / "proj"
+    train(carl_config(tiny_model_dir, toy_files, out, max_steps=4, eval_steps=2), AdversarialConfig(),
+          ContrastiveConfig(carl_start_step=1, carl_negatives=8, carl_proj_dim=8))
+    banks = load_file(str(out / "checkpoint" / "method_state.safetensors"))
+    assert banks["bank_orig"].shape == (64, 8)  # the banks live in the projected space
+    model = load_trained(out)
+    assert model.heads["carl_projection"].out_features == 8
+    last = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert last["heads.carl_projection.weight"].shape == (8, 32)  # trained with the model, checkpointed with it
+    assert pipeline("text-classification", model=str(out))("a wonderful film")[0]["label"] in ("0", "1")

@@ -83,11 +83,16 @@ def final_weights(out):
     return load_file(str(out / "checkpoint" / "model.safetensors"))
 
 
-def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, toy_files, tmp_path):
-    big = cfg_for(tiny_model_dir, toy_files, tmp_path / "big", batch_size=8, group_by_length=False, max_steps=3)
+@pytest.mark.parametrize("method", ["base", "freelb"])
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, toy_files, tmp_path, method):
+    from carlrar.methods import AdversarialConfig
+
+    big = cfg_for(tiny_model_dir, toy_files, tmp_path / "big", batch_size=8, group_by_length=False, max_steps=3,
+                  method=method)
     acc = cfg_for(tiny_model_dir, toy_files, tmp_path / "acc", batch_size=4, grad_accum=2, group_by_length=False,
-                  max_steps=3)
-    train(big), train(acc)
+                  max_steps=3, method=method)
+    knobs = [AdversarialConfig(adv_init_mag=0.0)] if method == "freelb" else []  # δ normalised per example
+    train(big, *knobs), train(acc, *knobs)
     a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
     start = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
     moved = a["hf.bert.encoder.layer.0.output.dense.weight"] - start["encoder.layer.0.output.dense.weight"]

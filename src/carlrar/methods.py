@@ -169,6 +169,7 @@ class ContrastiveConfig:
     carl_positive: str = _f("live", "live: R / R^adv as in Eq. 2; bank: the other view's bank row, as CRD")
     carl_z_momentum: float = _f(0.9, "NCE: moving average of Z (0: CRD's Z fixed on the first batch)")
     bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)")
+    carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
 
 
 class CARL(FreeLB):
@@ -181,12 +182,15 @@ class CARL(FreeLB):
     def __init__(self, adv: AdversarialConfig, carl: ContrastiveConfig, model=None, train_labels=(),
                  total_steps: int = 0, **_):
         FreeLB.__init__(self, adv)  # explicit: CARLRAR combines CARL and RAR
-        from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
+        from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler, Projection
 
         self.carl = carl
         start = carl.carl_start_step
         self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
         n, dim = len(train_labels), _inner(model).config.hidden_size
+        if carl.carl_proj_dim > 0:  # a model head, so the optimiser, checkpoints and saving all see it
+            _inner(model).heads["carl_projection"] = Projection(dim, carl.carl_proj_dim)
+            dim = carl.carl_proj_dim
         dtype = {"float32": torch.float32, "float16": torch.float16}[carl.bank_dtype]
         self.bank_orig = MemoryBank(n, dim, carl.carl_momentum, dtype)
         self.bank_adv = MemoryBank(n, dim, carl.carl_momentum, dtype)
@@ -197,6 +201,12 @@ class CARL(FreeLB):
     @property
     def passes(self):
         return self.config.adv_steps + (1 if self.filled else 0)  # + the clean pass that gives R
+
+    @staticmethod
+    def represent(model, R: torch.Tensor) -> torch.Tensor:
+        """R (or its projection) on the unit sphere, where the banks and h(x, y) live."""
+        heads = _inner(model).heads
+        return F.normalize(heads["carl_projection"](R) if "carl_projection" in heads else R, dim=1)
 
     def before_step(self, step: int, model, data, collate, batch_size: int) -> bool:
         """At the start step, fill both banks once (forward only, no parameter update). True when it did."""
@@ -221,8 +231,8 @@ class CARL(FreeLB):
                                c.adv_init_mag)
             with torch.no_grad():
                 R_adv = inner(ids, mask, delta=delta).R
-            self.bank_orig.fill(b["index"], R)
-            self.bank_adv.fill(b["index"], R_adv)
+                self.bank_orig.fill(b["index"], self.represent(inner, R))
+                self.bank_adv.fill(b["index"], self.represent(inner, R_adv))
         inner.train(was_training)
         self.filled = True
         return True
@@ -232,8 +242,8 @@ class CARL(FreeLB):
             return 0.0, {}
         if self.config.adv_reuse_dropout:
             torch.set_rng_state(self.rng)
-        R = F.normalize(model(batch["input_ids"], batch["attention_mask"]).R, dim=1)  # the original input
-        R_adv = F.normalize(out.R, dim=1)
+        R = self.represent(model, model(batch["input_ids"], batch["attention_mask"]).R)  # the original input
+        R_adv = self.represent(model, out.R)
         index = batch["index"]
         negatives = self.sampler.sample(batch["labels"])
         loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,

@@ -135,9 +135,13 @@ def load_trained(directory: str | Path) -> Classifier:
         raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from None
     model = Classifier(hf)
     if (Path(directory) / HEADS_CONFIG).is_file():
-        for name in json.loads((Path(directory) / HEADS_CONFIG).read_text()):
+        from carlrar.objectives import Projection
+
+        for name, spec in json.loads((Path(directory) / HEADS_CONFIG).read_text()).items():
             if name == "reconstructor":
                 model.add_reconstructor()
+            elif name == "carl_projection":
+                model.heads[name] = Projection(spec["in_features"], spec["out_features"])
         model.heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
     return model
 

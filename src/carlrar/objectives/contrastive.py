@@ -70,6 +70,14 @@ class NegativeSampler:
         return out
 
 
+class Projection(nn.Linear):
+    """Optional head between R and the contrastive space (CRD's embed layer): a linear map hidden → dim. The paper
+    uses none (default); the banks then hold the normalised R itself."""
+
+    def spec(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+
 def bank_scores(anchor: torch.Tensor, bank: MemoryBank, index: torch.Tensor) -> torch.Tensor:
     """anchor · bank[index[b, j]] for every row b (B × m), without building a B × m × d tensor: score each distinct
     drawn row once and pick. When the batch draws at least N ids (SST-2: 32 × 16,000 vs 67,349 rows) nearly every
