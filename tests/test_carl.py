@@ -227,6 +227,7 @@ def test_carl_raises_cos_between_r_and_r_adv_over_freelb(tiny_learner_dir, toy_f
 
 def test_bank_scores_same_whether_gathered_or_over_the_whole_bank():
     bank = MemoryBank(50, 8)
+    bank.fill(torch.arange(50), torch.randn(50, 8))
     anchor = F.normalize(torch.randn(4, 8), dim=1)
     few, many = torch.randint(50, (4, 3)), torch.randint(50, (4, 20))  # 12 < 50 ids: gather; 80 ≥ 50: whole bank
     for index in (few, many):
@@ -249,3 +250,26 @@ def test_projection_head_is_trained_saved_and_reloaded(tiny_model_dir, toy_files
     last = load_file(str(out / "checkpoint" / "model.safetensors"))
     assert last["heads.carl_projection.weight"].shape == (8, 32)  # trained with the model, checkpointed with it
     assert pipeline("text-classification", model=str(out))("a wonderful film")[0]["label"] in ("0", "1")
+
+
+@pytest.mark.parametrize("z_momentum", [0.0, 0.9])
+def test_nce_backward_over_several_steps(z_momentum):
+    loss_fn = ContrastiveLoss(0.5, "nce", num_rows=4, z_momentum=z_momentum)
+    orig, adv = banks()
+    for _ in range(3):  # Z changes between steps; every step's backward must still see its own Z
+        r, r_adv = R.clone().requires_grad_(), R_ADV.clone().requires_grad_()
+        loss, _ = loss_fn(r, r_adv, orig, adv, NEG)
+        loss.backward()
+        assert r.grad.abs().sum() > 0 and torch.isfinite(r.grad).all()
+
+
+def test_bad_option_values_are_one_line_errors():
+    from carlrar.errors import UserError
+
+    for knobs, match in ((ContrastiveConfig(carl_estimator="NCE"), "carl_estimator"),
+                         (ContrastiveConfig(bank_dtype="bfloat16"), "bank_dtype"),
+                         (ContrastiveConfig(carl_negatives=0), "carl_negatives")):
+        with pytest.raises(UserError, match=match):
+            train(TrainConfig(method="carl", train_file="does-not-matter.tsv"), AdversarialConfig(), knobs)
+    with pytest.raises(UserError, match="adv_norm"):
+        train(TrainConfig(method="freelb", train_file="x.tsv"), AdversarialConfig(adv_norm="L2"))

@@ -101,6 +101,9 @@ def test_cli_generate_augment_and_retrain(rar_run, tiny_model_dir, tmp_path, cap
     summary = json.loads((tmp_path / "samples_summary.json").read_text())
     assert summary["n"] == 16 and 0 <= summary["transfer_success_rate"] <= 1
     assert summary["changed"] == pytest.approx(sum(r["changed"] for r in records) / 16)
+    right = [r for r in records if r["target_on_original"] == r["label"]]
+    fooled = [r for r in right if r["changed"] and r["target_on_generated"] != r["label"]]
+    assert summary["transfer_success_rate"] == pytest.approx(len(fooled) / max(len(right), 1))
     aug = tmp_path / "aug.tsv"
     main(["augment", "--samples", str(samples), "--output", str(aug), "--with-originals"])
     lines = aug.read_text().splitlines()

@@ -145,8 +145,8 @@ def cmd_generate(argv: list[str]):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSONL or CSV of samples (default MODEL/generated_<dataset>_<split>.jsonl)")
     args = p.parse_args(argv)
-    if args.eps < 0 or args.steps < 0:
-        raise UserError("--eps and --steps must be ≥ 0")
+    if args.eps < 0 or args.steps < 0 or (args.step_size is not None and args.step_size <= 0):
+        raise UserError("--eps and --steps must be ≥ 0 and --step-size > 0")
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
     if "reconstructor" not in model.heads:
         raise UserError(f"{args.model} has no reconstructor: train it with --method rar or carl-rar")

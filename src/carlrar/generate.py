@@ -52,7 +52,8 @@ def generate_split(model, tokenizer, encoded: EncodedSplit, texts: list[str], la
     judges = [("model", model, tokenizer)] + ([("target", target, target_tokenizer)] if target is not None else [])
     for name, judge, tok in judges:
         names = [judge.config.id2label[k] for k in range(judge.config.num_labels)]
-        for field, column in (("original", texts), ("generated", generated)):
+        # the decoded original, not the raw text: both sides then went through the same decode (case, spacing)
+        for field, column in (("original", originals), ("generated", generated)):
             preds = predict_texts(judge, tok, column, max_length).argmax(-1).tolist()
             for r, p in zip(records, preds):
                 r[f"{name}_on_{field}"] = names[p]
@@ -61,7 +62,8 @@ def generate_split(model, tokenizer, encoded: EncodedSplit, texts: list[str], la
 
 def summarize(records: list[dict], max_edit_rate: float | None = None) -> dict:
     """Fraction changed, mean token edit rate and — with a target — the transfer success rate: among the kept
-    samples whose original the target got right, the fraction whose generated text it gets wrong."""
+    samples whose (decoded) original the target got right, the fraction whose generated text it gets wrong; an
+    unchanged sample counts as not fooling it."""
     kept = [r for r in records if max_edit_rate is None or r["edit_rate"] <= max_edit_rate]
     out = {"n": len(records), "kept": len(kept),
            "changed": sum(r["changed"] for r in kept) / max(len(kept), 1),
@@ -69,7 +71,7 @@ def summarize(records: list[dict], max_edit_rate: float | None = None) -> dict:
     for judge in ("model", "target"):
         if kept and f"{judge}_on_original" in kept[0]:
             right = [r for r in kept if r[f"{judge}_on_original"] == r["label"]]
-            fooled = [r for r in right if r[f"{judge}_on_generated"] != r["label"]]
+            fooled = [r for r in right if r["changed"] and r[f"{judge}_on_generated"] != r["label"]]
             out[f"{judge}_fooled"] = len(fooled) / max(len(right), 1)
     if "target_fooled" in out:
         out["transfer_success_rate"] = out.pop("target_fooled")

@@ -9,6 +9,7 @@ accelerator's; ``step`` is the optimiser step about to be taken. The loop in ``t
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from carlrar.perturb import ascent_step, init_delta
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, **checks):
+    """A config field; ``choices`` / ``min`` are checked on the command line, in YAML and in the Python API."""
+    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass
@@ -28,8 +30,8 @@ class AdversarialConfig:
     adv_init_mag: float = _f(0.6, "γ: magnitude of δ's random init (0: zero init)")
     adv_lr: float = _f(0.1, "α: ascent step size on δ (FGM: the single step's size)")
     adv_max_norm: float = _f(0.0, "ε: project δ onto ‖δ‖ ≤ ε per example (0: unbounded)")
-    adv_steps: int = _f(2, "n: FreeLB passes / k: PGD ascent steps")
-    adv_norm: str = _f("l2", "norm for init, step and projection: l2 or linf")
+    adv_steps: int = _f(2, "n: FreeLB passes / k: PGD ascent steps", min=1)
+    adv_norm: str = _f("l2", "norm for init, step and projection: l2 or linf", choices=["l2", "linf"])
     adv_start_step: int = _f(0, "plain training before this optimiser step (guards against early NaNs)")
     adv_reuse_dropout: bool = _f(True, "same dropout masks in all FreeLB passes of a batch, as the official code")
     pgd_clean: bool = _f(False, "PGD: train on (L_C(clean) + L_C(adversarial)) / 2 instead of the adversarial only")
@@ -161,14 +163,17 @@ class ContrastiveConfig:
 
     carl_start_step: float = _f(0.5, "first step with L_D; < 1 means that fraction of training (Table 3: SST-2 "
                                      "6315, Yahoo 7200, Yelp-P 5625, AG News 7750); the banks are filled just before")
-    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)")
+    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)", min=1)
     carl_temperature: float = _f(0.07, "τ in h(x, y) = exp(x·y / τ) (Eq. 4)")
     carl_momentum: float = _f(0.5, "M in the bank update B ← M·B + (1 − M)·R (Eq. 5)")
     carl_weight: float = _f(1.0, "weight of L_D next to L_C (Eq. 6: 1)")
-    carl_estimator: str = _f("softmax", "softmax (exact over the sampled set) or nce (the paper's approximation)")
-    carl_positive: str = _f("live", "live: R / R^adv as in Eq. 2; bank: the other view's bank row, as CRD")
+    carl_estimator: str = _f("softmax", "softmax (exact over the sampled set) or nce (the paper's approximation)",
+                             choices=["softmax", "nce"])
+    carl_positive: str = _f("live", "live: R / R^adv as in Eq. 2; bank: the other view's bank row, as CRD",
+                            choices=["live", "bank"])
     carl_z_momentum: float = _f(0.9, "NCE: moving average of Z (0: CRD's Z fixed on the first batch)")
-    bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)")
+    bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)",
+                         choices=["float32", "float16"])
     carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
 
 
@@ -187,6 +192,10 @@ class CARL(FreeLB):
         self.carl = carl
         start = carl.carl_start_step
         self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
+        if not 0 < self.start_step < total_steps:
+            warnings.warn(f"CARL: start step {self.start_step} is outside 1..{total_steps - 1}: "
+                          f"{'L_D starts before any FreeLB step' if self.start_step <= 0 else 'L_D never applies'}",
+                          stacklevel=2)
         n, dim = len(train_labels), _inner(model).config.hidden_size
         if carl.carl_proj_dim > 0:  # a model head, so the optimiser, checkpoints and saving all see it
             _inner(model).heads["carl_projection"] = Projection(dim, carl.carl_proj_dim)
@@ -278,7 +287,8 @@ class ReconstructionConfig:
     """RAR (Eq. 7)."""
 
     rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
-    rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)")
+    rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)",
+                         choices=["all", "last"])
 
 
 def _pretrained_tensors(name: str) -> dict:

@@ -96,8 +96,9 @@ class Classifier(nn.Module):
         from carlrar.objectives.reconstruction import Reconstructor
 
         if "reconstructor" not in self.heads:
+            act = self.config.hidden_act if isinstance(self.config.hidden_act, str) else "gelu"
             self.heads["reconstructor"] = Reconstructor(self.config.hidden_size, self.word_embeddings,
-                                                        getattr(self.config, "layer_norm_eps", 1e-12))
+                                                        getattr(self.config, "layer_norm_eps", 1e-12), act)
         return self.heads["reconstructor"]
 
 

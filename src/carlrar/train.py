@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from carlrar.config import TrainConfig, to_dict, write_yaml
+from carlrar.config import TrainConfig, to_dict, validate, write_yaml
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
@@ -85,8 +85,9 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
     method_configs = method_configs or tuple(c() for c in method_cls.config_classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.lr <= 0:
-        raise UserError("--batch_size and --grad_accum must be ≥ 1 and --lr > 0")
+    validate(cfg, *method_configs)
+    if cfg.lr <= 0:
+        raise UserError(f"lr = {cfg.lr}: must be > 0")
 
     # Everything that can fail on bad input happens before the output directory is touched.
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
@@ -95,12 +96,15 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
     tokenizer = load_tokenizer(cfg.model, train_split.texts)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names)
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1 and cfg.method in ("carl", "rar", "carl-rar"):
+        raise UserError(f"--method {cfg.method} runs on one process for now (memory banks and head gradients are "
+                        "not synchronised across processes yet); use base, freelb, pgd or fgm with several")
     out = cfg.resolved_output_dir()
     config = {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
     resuming = prepare_output_dir(out, config)
     write_yaml(out / "carlrar_config.yaml", config)
 
-    accelerator = Accelerator()
     main = accelerator.is_main_process
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None)
     train_data = EncodedSplit(train_split, tokenizer, cfg.max_length)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -15,8 +14,9 @@ class MemoryBank(nn.Module):
 
     ``update``: B[i] ← normalize(M·B[i] + (1 − M)·R_i), normalised after the mix as in CRD (Tian et al.), so rows
     stay on the unit sphere that the scores h(x, y) = exp(x·y / τ) assume. ``fill`` writes rows outright (the
-    paper's bank-filling epoch). Rows start uniform in ±1/sqrt(d/3), normalised (CRD's init). Storage is
-    N × d × bytes(dtype): fp16 halves it for large N; scores are always computed in fp32.
+    paper's bank-filling epoch), which overwrites every row before any is read, so rows start at zero (CRD's
+    random init would only consume RNG draws). Storage is N × d × bytes(dtype): fp16 halves it for large N;
+    scores are computed in fp32.
 
     Example::
 
@@ -28,9 +28,7 @@ class MemoryBank(nn.Module):
     def __init__(self, num_rows: int, dim: int, momentum: float = 0.5, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.momentum = momentum
-        stdv = 1.0 / math.sqrt(dim / 3)
-        rows = (torch.rand(num_rows, dim) * 2 - 1) * stdv
-        self.register_buffer("rows", F.normalize(rows, dim=1).to(dtype))
+        self.register_buffer("rows", torch.zeros(num_rows, dim, dtype=dtype))
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return self.rows[index].float()
@@ -97,7 +95,8 @@ class ContrastiveLoss(nn.Module):
     - ``estimator="softmax"``: −log h⁺ / (h⁺ + Σ_j h⁻_j), exact over the sampled set (InfoNCE). We keep the positive
       in the denominator, as InfoNCE and CRD do; without it the loss has no lower bound.
     - ``estimator="nce"``: the NCE approximation the paper cites (Wu et al. 2018; Tian et al. CRD): P = h / Z,
-      noise prior Pn = 1/N, loss −[log P⁺/(P⁺ + m·Pn) + Σ_j log m·Pn/(P⁻_j + m·Pn)]. Z is set on the first call to
+      noise prior Pn = 1/N as in CRD (our negatives are uniform over the other labels' pool, so the exact prior is
+      1/|pool|, about 2/N on two balanced classes), loss −[log P⁺/(P⁺ + m·Pn) + Σ_j log m·Pn/(P⁻_j + m·Pn)]. Z is set on the first call to
       N·mean(h) (CRD) and, with ``z_momentum`` > 0, follows an exponential moving average of that (better
       behaved than CRD's fixed first-batch Z).
 
@@ -134,7 +133,7 @@ class ContrastiveLoss(nn.Module):
                 self.Z[view] = estimate
             elif self.z_momentum > 0:
                 self.Z[view] = self.z_momentum * self.Z[view] + (1 - self.z_momentum) * estimate
-        P = h / self.Z[view]
+        P = h / self.Z[view].clone()  # Z is updated in place by the next call; backward needs this value
         m, Pn = neg.size(1), 1.0 / self.num_rows
         log_pos = torch.log(P[:, 0] / (P[:, 0] + m * Pn))
         log_neg = torch.log(m * Pn / (P[:, 1:] + m * Pn)).sum(1)

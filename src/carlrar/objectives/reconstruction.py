@@ -23,8 +23,13 @@ class Reconstructor(nn.Module):
         head(torch.randn(2, 5, 16)).shape  # (2, 5, 100)
     """
 
-    def __init__(self, hidden_size: int, word_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12):
+    def __init__(self, hidden_size: int, word_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12,
+                 activation: str = "gelu"):
         super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.activation = activation  # the encoder's (ALBERT: gelu_new), as its own MLM head uses
+        self.act = ACT2FN[activation]
         vocab, embedding_size = word_embeddings.weight.shape
         self.dense = nn.Linear(hidden_size, embedding_size)
         self.layer_norm = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
@@ -33,7 +38,7 @@ class Reconstructor(nn.Module):
 
     def spec(self) -> dict:
         return {"hidden_size": self.dense.in_features, "embedding_size": self.dense.out_features,
-                "vocab_size": self.bias.numel()}
+                "vocab_size": self.bias.numel(), "activation": self.activation}
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -41,7 +46,7 @@ class Reconstructor(nn.Module):
 
     def forward(self, token_states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (batch × len × vocab)."""
-        h = self.layer_norm(F.gelu(self.dense(token_states)))
+        h = self.layer_norm(self.act(self.dense(token_states)))
         return F.linear(h, self.decoder_weight, self.bias)
 
 
