@@ -266,10 +266,16 @@ def test_nce_backward_over_several_steps(z_momentum):
 def test_bad_option_values_are_one_line_errors():
     from carlrar.errors import UserError
 
-    for knobs, match in ((ContrastiveConfig(carl_estimator="NCE"), "carl_estimator"),
-                         (ContrastiveConfig(bank_dtype="bfloat16"), "bank_dtype"),
-                         (ContrastiveConfig(carl_negatives=0), "carl_negatives")):
+    for knobs, match in ((dict(carl_estimator="NCE"), "carl_estimator"), (dict(bank_dtype="bfloat16"), "bank_dtype"),
+                         (dict(carl_negatives=0), "carl_negatives")):
         with pytest.raises(UserError, match=match):
-            train(TrainConfig(method="carl", train_file="does-not-matter.tsv"), AdversarialConfig(), knobs)
+            ContrastiveConfig(**knobs)
     with pytest.raises(UserError, match="adv_norm"):
-        train(TrainConfig(method="freelb", train_file="x.tsv"), AdversarialConfig(adv_norm="L2"))
+        AdversarialConfig(adv_norm="L2")
+    with pytest.raises(UserError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    from carlrar.cli import main
+
+    with pytest.raises(SystemExit) as e:  # the same check from the command line, before any file is read
+        main(["train", "--method", "carl", "--carl_estimator", "NCE", "--train_file", "missing.tsv"])
+    assert e.value.code == 2

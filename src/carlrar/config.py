@@ -19,9 +19,9 @@ from carlrar.errors import UserError
 PRESETS = Path(__file__).parent / "presets"
 
 
-def _f(default, help: str, **checks):
-    """A config field; ``choices`` / ``min`` are checked on the command line, in YAML and in the Python API."""
-    return field(default=default, metadata={"help": help, **checks})
+def _f(default, help: str, **argparse_kwargs):
+    """A config field: ``help`` (and e.g. ``choices``) go to argparse through HfArgumentParser."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
@@ -39,28 +39,33 @@ class TrainConfig:
     text_column: str = _f("text", "text column / key of generic files")
     label_column: str = _f("label", "label column / key of generic files (names or ids)")
     train_subset: int | None = _f(None, "train on a seeded random subset of this many examples")
-    max_length: int = _f(128, "truncate inputs to this many tokens", min=2)
+    max_length: int = _f(128, "truncate inputs to this many tokens")
     group_by_length: bool = _f(True, "length-grouped batches (sort within chunks of 100 batches); --no_group_by_length off")
     # optimisation (paper: Adam, lr 1e-5, batch 32; 16 for AG News)
     lr: float = _f(1e-5, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and LayerNorm)")
     warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up, then linear decay to 0")
-    batch_size: int = _f(32, "examples per optimiser step per process, before accumulation", min=1)
-    grad_accum: int = _f(1, "gradient accumulation steps (effective batch = batch_size × grad_accum × processes)",
-                         min=1)
+    batch_size: int = _f(32, "examples per optimiser step per process, before accumulation")
+    grad_accum: int = _f(1, "gradient accumulation steps (effective batch = batch_size × grad_accum × processes)")
     epochs: float = _f(3.0, "training epochs (ignored when --max_steps > 0)")
     max_steps: int = _f(0, "stop after this many optimiser steps (0: use --epochs)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
     seed: int = _f(42, "seed for init, data order and perturbations")
     # evaluation, logging, checkpoints
     eval_steps: int = _f(500, "evaluate on dev every N steps (0: only at epoch ends); the best model is kept")
-    eval_batch_size: int = _f(128, "batch size for evaluation", min=1)
+    eval_batch_size: int = _f(128, "batch size for evaluation")
     log_steps: int = _f(50, "log loss / examples/s / fraction of peak every N steps")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
     overwrite: bool = _f(False, "start afresh even if output_dir holds a finished or interrupted run")
     # where the values came from
     config: str | None = _f(None, "YAML file of defaults; command-line flags win")
     preset: str | None = _f(None, "named preset (carlrar/presets/*.yaml), e.g. the paper's Table 1 settings")
+
+    def __post_init__(self):
+        check(self, minimum={"batch_size": 1, "grad_accum": 1, "max_length": 2, "eval_batch_size": 1,
+                             "log_steps": 1, "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0})
+        if self.lr <= 0:
+            raise UserError(f"lr = {self.lr}: must be > 0")
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.dataset or Path(self.train_file or 'files').stem}-{self.method}")
@@ -86,15 +91,17 @@ def _coerce(value, tp, where: str):
         raise UserError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
 
 
-def validate(*configs):
-    """Every field's ``choices`` and ``min`` (the parser checks flags; this covers YAML and the Python API)."""
-    for config in configs:
-        for f in dataclasses.fields(config):
-            value, meta = getattr(config, f.name), f.metadata
-            if "choices" in meta and value not in meta["choices"]:
-                raise UserError(f"{f.name} = {value!r}: choose one of {', '.join(map(str, meta['choices']))}")
-            if "min" in meta and value is not None and value < meta["min"]:
-                raise UserError(f"{f.name} = {value!r}: must be at least {meta['min']}")
+def check(config, minimum: dict[str, float] = {}):  # noqa: B006 (read only)
+    """A config's ``choices`` (field metadata) and lower bounds, as one-line user errors. Called from each config's
+    ``__post_init__``, so flags, YAML values and the Python API are all checked before anything runs."""
+    for f in dataclasses.fields(config):
+        value, choices = getattr(config, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{f.name} = {value!r}: choose one of {', '.join(map(str, choices))}")
+    for name, low in minimum.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UserError(f"{name} = {value!r}: must be at least {low}")
 
 
 def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from carlrar.config import check
 from carlrar.perturb import ascent_step, init_delta
 
 
-def _f(default, help: str, **checks):
-    """A config field; ``choices`` / ``min`` are checked on the command line, in YAML and in the Python API."""
-    return field(default=default, metadata={"help": help, **checks})
+def _f(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 @dataclass
@@ -30,11 +30,14 @@ class AdversarialConfig:
     adv_init_mag: float = _f(0.6, "γ: magnitude of δ's random init (0: zero init)")
     adv_lr: float = _f(0.1, "α: ascent step size on δ (FGM: the single step's size)")
     adv_max_norm: float = _f(0.0, "ε: project δ onto ‖δ‖ ≤ ε per example (0: unbounded)")
-    adv_steps: int = _f(2, "n: FreeLB passes / k: PGD ascent steps", min=1)
+    adv_steps: int = _f(2, "n: FreeLB passes / k: PGD ascent steps")
     adv_norm: str = _f("l2", "norm for init, step and projection: l2 or linf", choices=["l2", "linf"])
     adv_start_step: int = _f(0, "plain training before this optimiser step (guards against early NaNs)")
     adv_reuse_dropout: bool = _f(True, "same dropout masks in all FreeLB passes of a batch, as the official code")
     pgd_clean: bool = _f(False, "PGD: train on (L_C(clean) + L_C(adversarial)) / 2 instead of the adversarial only")
+
+    def __post_init__(self):
+        check(self, minimum={"adv_steps": 1, "adv_init_mag": 0, "adv_lr": 0, "adv_max_norm": 0, "adv_start_step": 0})
 
 
 def _inner(model):
@@ -163,7 +166,7 @@ class ContrastiveConfig:
 
     carl_start_step: float = _f(0.5, "first step with L_D; < 1 means that fraction of training (Table 3: SST-2 "
                                      "6315, Yahoo 7200, Yelp-P 5625, AG News 7750); the banks are filled just before")
-    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)", min=1)
+    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)")
     carl_temperature: float = _f(0.07, "τ in h(x, y) = exp(x·y / τ) (Eq. 4)")
     carl_momentum: float = _f(0.5, "M in the bank update B ← M·B + (1 − M)·R (Eq. 5)")
     carl_weight: float = _f(1.0, "weight of L_D next to L_C (Eq. 6: 1)")
@@ -175,6 +178,9 @@ class ContrastiveConfig:
     bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)",
                          choices=["float32", "float16"])
     carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
+
+    def __post_init__(self):
+        check(self, minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0})
 
 
 class CARL(FreeLB):
@@ -289,6 +295,9 @@ class ReconstructionConfig:
     rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
     rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)",
                          choices=["all", "last"])
+
+    def __post_init__(self):
+        check(self, minimum={"rar_weight": 0})
 
 
 def _pretrained_tensors(name: str) -> dict:

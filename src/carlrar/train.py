@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from carlrar.config import TrainConfig, to_dict, validate, write_yaml
+from carlrar.config import TrainConfig, to_dict, write_yaml
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
@@ -85,9 +85,6 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
     method_configs = method_configs or tuple(c() for c in method_cls.config_classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    validate(cfg, *method_configs)
-    if cfg.lr <= 0:
-        raise UserError(f"lr = {cfg.lr}: must be > 0")
 
     # Everything that can fail on bad input happens before the output directory is touched.
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
