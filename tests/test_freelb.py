@@ -124,12 +124,11 @@ def test_pgd_leaves_no_gradient_from_ascent_and_fgm_adds_both_passes(model_and_b
 
 @pytest.fixture(scope="module")
 def trained_tiny(tiny_model_dir, tmp_path_factory):
-    from conftest import write_tsv
+    from conftest import TOY_TRAIN, write_tsv
 
     d = tmp_path_factory.mktemp("toy")
-    rows = [(t, 1) for t in POSITIVE] * 4 + [(t, 0) for t in NEGATIVE] * 4
-    write_tsv(d / "train.tsv", rows)
-    write_tsv(d / "dev.tsv", rows[:: 4])
+    write_tsv(d / "train.tsv", TOY_TRAIN)
+    write_tsv(d / "dev.tsv", TOY_TRAIN[::4])
     train(TrainConfig(model=str(tiny_model_dir), train_file=str(d / "train.tsv"), dev_file=str(d / "dev.tsv"),
                       text_column="sentence", output_dir=str(d / "out"), batch_size=8, lr=5e-3, max_steps=80,
                       warmup_ratio=0.0, eval_steps=0, seed=0, group_by_length=False))

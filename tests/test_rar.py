@@ -49,12 +49,11 @@ def test_head_shapes_and_mlm_init_from_bert_keys():
 
 @pytest.fixture(scope="module")
 def rar_run(tiny_model_dir, tmp_path_factory):
-    from conftest import write_tsv
+    from conftest import TOY_TRAIN, write_tsv
 
     d = tmp_path_factory.mktemp("rar")
-    rows = [(t, 1) for t in POSITIVE] * 4 + [(t, 0) for t in NEGATIVE] * 4
-    write_tsv(d / "train.tsv", rows)
-    write_tsv(d / "dev.tsv", rows[::4])
+    write_tsv(d / "train.tsv", TOY_TRAIN)
+    write_tsv(d / "dev.tsv", TOY_TRAIN[::4])
     cfg = TrainConfig(method="rar", model=str(tiny_model_dir), train_file=str(d / "train.tsv"),
                       dev_file=str(d / "dev.tsv"), text_column="sentence", output_dir=str(d / "out"), batch_size=8,
                       lr=5e-3, max_steps=120, warmup_ratio=0.0, eval_steps=0, seed=0, group_by_length=False)
