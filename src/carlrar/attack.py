@@ -34,9 +34,11 @@ def pgd_attack(model, input_ids, attention_mask, labels, eps: float, steps: int,
 
 def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[float], steps: int = 10,
                  step_size: float | None = None, norm: str = "l2", distance_alphas: list[float] = (),
-                 batch_size: int = 64, init_mag: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
+                 batch_size: int = 64, init_mag: float = 0.0, seed: int = 0, progress: bool = True,
+                 per_example: bool = False) -> dict:
     """Clean accuracy, then per ε: accuracy under k-PGD, success rate, cos / Euclid of R vs R^adv; per α: the
-    Table 4 distances. ``step_size`` None → ε / 4 for each ε."""
+    Table 4 distances. ``step_size`` None → ε / 4 for each ε. ``per_example`` adds each example's correctness and
+    cos(R, R^adv) (paired bootstrap, histograms)."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -82,6 +84,14 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
             result["attacks"].append(row)
         else:
             result["distances"].append({"alpha": value, **row})
+    if per_example:
+        result["per_example"] = {
+            "clean_correct": correct.int().tolist(),
+            "attacks": [{"eps": v, "correct": (preds[r] == labels).int().tolist(),
+                         "cos": [round(x, 5) for x in cos[r].tolist()]} for r, (k, v, _, _) in enumerate(runs)
+                        if k == "eps"],
+            "distances": [{"alpha": v, "cos": [round(x, 5) for x in cos[r].tolist()]}
+                          for r, (k, v, _, _) in enumerate(runs) if k == "alpha"]}
     return result
 
 

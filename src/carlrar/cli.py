@@ -1,4 +1,5 @@
-"""``carlrar`` command line: train, evaluate, attack, generate, augment, predict, compare, methods.
+"""``carlrar`` command line: train, evaluate, attack, generate, augment, predict, compare, methods, reproduce,
+report, search.
 
 Errors in the user's input print one line (``error: ...``) and exit with status 2; nothing is half-written.
 """
@@ -267,6 +268,62 @@ def cmd_compare(argv: list[str]):
     Console(width=200).print(table)
 
 
+def _set_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
+def cmd_reproduce(argv: list[str]):
+    from carlrar.reproduce import Protocol, reproduce
+
+    p = ArgumentParser(prog="carlrar reproduce", description="the paper's comparison as a resumable grid of runs "
+                       "(methods × datasets × seeds): train → dev (+ test) → k-PGD per ε → R vs R^adv distances")
+    p.add_argument("--results", required=True, help="results folder (index.json, runs/*.json, models/)")
+    p.add_argument("--protocol", default="cpu", help="protocol name (carlrar/protocols/*.yaml) or YAML file "
+                   "(default cpu)")
+    p.add_argument("--methods", help="comma-separated methods (default: the protocol's)")
+    p.add_argument("--datasets", help="comma-separated datasets (default: the protocol's)")
+    p.add_argument("--seeds", help="a number N (seeds 0..N-1) or comma-separated seeds (default: the protocol's)")
+    p.add_argument("--set", dest="options", action="append", type=_set_option, default=[], metavar="KEY=VALUE",
+                   help="a training option for every run, e.g. --set train_subset=2000 (repeatable)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's resumable checkpoint")
+    args = p.parse_args(argv)
+    protocol = Protocol.load(args.protocol)
+    if args.methods:
+        protocol.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.datasets:
+        protocol.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: expected a number or comma-separated integers") from None
+        protocol.seeds = list(range(seeds[0])) if len(seeds) == 1 and "," not in args.seeds else seeds
+    if not (protocol.methods and protocol.datasets and protocol.seeds):
+        raise UserError("the grid is empty: give at least one method, dataset and seed")
+    command = "carlrar reproduce " + " ".join(argv)
+    index = reproduce(protocol, Path(args.results), dict(args.options), args.keep_checkpoints, command)
+    if any(r["status"] == "failed" for r in index["runs"].values()):
+        sys.exit(1)
+    print(f"all runs done; tables and plots: carlrar report {args.results}", file=sys.stderr)
+
+
+def cmd_report(argv: list[str]):
+    from carlrar.report import write_report
+
+    p = ArgumentParser(prog="carlrar report", description="the paper's tables (mean ± std over seeds, paired "
+                       "bootstrap CIs vs FreeLB) and plots from a carlrar reproduce folder")
+    p.add_argument("results", help="the --results folder of carlrar reproduce")
+    args = p.parse_args(argv)
+    out, pngs = write_report(Path(args.results))
+    print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
+    print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
+
+
 def cmd_methods(argv: list[str]):
     from carlrar.methods import METHODS
 
@@ -286,7 +343,8 @@ def _data_args(p: ArgumentParser):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
-            "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods}
+            "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods,
+            "reproduce": cmd_reproduce, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None):

@@ -104,7 +104,8 @@ def check(config, minimum: dict[str, float] = {}):  # noqa: B006 (read only)
             raise UserError(f"{name} = {value!r}: must be at least {low}")
 
 
-def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping, or a one-line user error naming the file (and the line, for syntax errors)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -115,15 +116,24 @@ def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:
         raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of option: value")
+    return data
+
+
+def coerce_options(data: dict, classes: tuple[type, ...], where: str) -> dict:
+    """Option names (``-`` or ``_``) and values checked against the dataclasses' fields and types."""
     fields = {f.name: hints[f.name] for c in classes
               for hints in [typing.get_type_hints(c)] for f in dataclasses.fields(c)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise UserError(f"{path}: unknown option {key!r}")
-        out[name] = _coerce(value, fields[name], f"{path}: {key}")
+            raise UserError(f"{where}: unknown option {key!r}")
+        out[name] = _coerce(value, fields[name], f"{where}: {key}")
     return out
+
+
+def read_yaml_defaults(path: Path, classes: tuple[type, ...]) -> dict:
+    return coerce_options(read_yaml(path), classes, str(path))
 
 
 def parse_args(classes: tuple[type, ...], argv: list[str], prog: str = "carlrar train"):

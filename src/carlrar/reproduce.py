@@ -1,0 +1,196 @@
+"""``carlrar reproduce``: the paper's comparison as a grid of runs, methods × datasets × seeds.
+
+Each run: train (best-dev checkpoint kept) → clean dev (+ test when the dataset has a test file) → k-PGD at each ε
+(Table 5) → unprojected R vs R^adv distances per α (Table 4). Layout of RESULTS:
+
+  index.json              the protocol, the command, and one entry per run: status (done / failed / pending), seconds
+  runs/<name>.json        everything ``carlrar report`` needs about one finished run, incl. per-example results
+  models/<name>/          the run's ``carlrar train`` output directory (model, checkpoint while running)
+
+A run is done when its ``runs/<name>.json`` exists; done runs are skipped. An interrupted run resumes from its
+training checkpoint (or goes straight to the attack when training had finished). A failed run is recorded with its
+error, the grid goes on, and the command exits non-zero; running it again retries the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
+from carlrar.errors import UserError
+
+PROTOCOLS = Path(__file__).parent / "protocols"
+# relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
+COST = {"base": 1.0, "freelb": 1.5, "pgd": 2.0, "fgm": 1.5, "carl": 2.4, "rar": 2.6, "carl-rar": 3.4}
+
+
+@dataclasses.dataclass
+class Protocol:
+    methods: list[str]
+    datasets: list[str]
+    seeds: list[int]
+    train: dict
+    datasets_overrides: dict
+    attack: dict
+    source: str
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Protocol:
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = PROTOCOLS / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROTOCOLS.glob("*.yaml")))
+            raise UserError(f"unknown protocol {name_or_path!r}: not a file and not one of {known}")
+        data = read_yaml(path)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"source"}
+        if unknown:
+            raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        attack = {"eps": [0.02, 0.075, 0.1], "steps": 10, "distance_alphas": [0.1, 0.075], **(data.get("attack") or {})}
+        return cls(methods=list(data.get("methods", ["base", "freelb", "carl", "rar", "carl-rar"])),
+                   datasets=list(data.get("datasets", ["sst2"])), seeds=list(data.get("seeds", [0, 1, 2])),
+                   train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
+                   attack=attack, source=str(path))
+
+
+def run_name(dataset: str, method: str, seed: int) -> str:
+    return f"{dataset}-{method}-s{seed}"
+
+
+def run_configs(protocol: Protocol, dataset: str, method: str, seed: int, models_dir: Path, extra: dict):
+    """TrainConfig + the method's config dataclasses: dataset preset < protocol train < per-dataset < --set."""
+    from carlrar.methods import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    classes = (TrainConfig, *METHODS[method].config_classes)
+    every = (TrainConfig, *{c for m in METHODS.values() for c in m.config_classes})
+    options = {}
+    preset = PRESETS / f"{dataset}.yaml"
+    layers = [(read_yaml(preset) if preset.is_file() else {}, str(preset)), (protocol.train, protocol.source),
+              (protocol.datasets_overrides.get(dataset) or {}, f"{protocol.source}: {dataset}"), (extra, "--set")]
+    for data, where in layers:
+        options.update(coerce_options(data, every, where))  # keys of other methods are valid, and ignored here
+    options.update(method=method, dataset=dataset, seed=seed, output_dir=str(models_dir / run_name(dataset, method, seed)),
+                   preset=None, config=None, overwrite=False)
+    return tuple(c(**{f.name: options[f.name] for f in dataclasses.fields(c) if f.name in options}) for c in classes)
+
+
+def write_json(path: Path, data):
+    """Atomic: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def execute_run(configs, attack: dict) -> dict:
+    """Train (resuming if interrupted), then attack the best-dev model on the dev set."""
+    from transformers import AutoTokenizer
+
+    from carlrar.attack import attack_split
+    from carlrar.config import to_dict
+    from carlrar.data import EncodedSplit, load_dataset
+    from carlrar.models import load_trained
+    from carlrar.train import train
+
+    cfg = configs[0]
+    out = cfg.resolved_output_dir()
+    final_file = out / "final_metrics.json"
+    final = json.loads(final_file.read_text()) if final_file.exists() else train(*configs)
+    model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    remap = [names.index(n) for n in ds.label_names]
+    dev = ds.split("dev")
+    dev = type(dev)(dev.texts, [remap[y] for y in dev.labels], dev.source)
+    result = attack_split(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id,
+                          attack["eps"], attack["steps"], None, "l2", attack["distance_alphas"],
+                          cfg.eval_batch_size, seed=cfg.seed, per_example=True)
+    per_example = result.pop("per_example")
+    curves = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return {"config": to_dict(*configs), "final": final, "attack": result, "per_example": per_example,
+            "curves": curves}
+
+
+def format_seconds(s: float) -> str:
+    h, m = divmod(int(s) // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m"
+
+
+def estimate_remaining(index: dict, pending: list[tuple[str, str, int]]) -> float:
+    """Mean seconds of finished runs of the same method; otherwise all finished runs scaled by COST."""
+    done = [r for r in index["runs"].values() if r["status"] == "done" and r.get("seconds")]
+    if not done:
+        return float("nan")
+    per_base = sum(r["seconds"] / COST.get(r["method"], 2.0) for r in done) / len(done)
+    total = 0.0
+    for dataset, method, _ in pending:
+        same = [r["seconds"] for r in done if r["method"] == method and r["dataset"] == dataset]
+        total += sum(same) / len(same) if same else per_base * COST.get(method, 2.0)
+    return total
+
+
+def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep_checkpoints: bool = False,
+              command: str = "") -> dict:
+    """Run (or resume) the grid; return the index. Seeds outermost, so a partial grid compares every method."""
+    extra = extra or {}
+    grid = [(d, m, s) for s in protocol.seeds for d in protocol.datasets for m in protocol.methods]
+    models_dir = results / "models"
+    configs = {run_name(*g): run_configs(protocol, *g, models_dir, extra) for g in grid}  # bad options fail here
+    for d in protocol.datasets:
+        from carlrar.data import load_dataset
+
+        load_dataset(d, configs[run_name(d, protocol.methods[0], protocol.seeds[0])][0].data_dir)
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    index_file = results / "index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}
+    index.update(protocol=dataclasses.asdict(protocol), command=command or index.get("command", ""),
+                 extra=extra)
+    for name, (d, m, s) in zip(configs, grid):
+        done = (results / "runs" / f"{name}.json").exists()
+        entry = index["runs"].get(name, {})
+        index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,
+                               "status": "done" if done else entry.get("status", "pending")}
+    write_json(index_file, index)
+
+    todo = [(name, g) for name, g in zip(configs, grid) if index["runs"][name]["status"] != "done"]
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"{len(grid) - len(todo)}/{len(grid)} runs done; {len(todo)} to go")
+    for k, (name, g) in enumerate(todo):
+        eta = estimate_remaining(index, [g for _, g in todo[k:]])
+        say(f"── run {len(grid) - len(todo) + k + 1}/{len(grid)}: {name}"
+            + (f" · about {format_seconds(eta)} left in the grid" if eta == eta else ""))
+        entry = index["runs"][name]
+        started = time.time()
+        try:
+            record = execute_run(configs[name], protocol.attack)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 (recorded and reported; the grid goes on)
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0],
+                         traceback=traceback.format_exc()[-2000:])
+            write_json(index_file, index)
+            say(f"   FAILED: {entry['error']}")
+            continue
+        seconds = time.time() - started  # this sitting only, when a run was resumed
+        record.update(name=name, dataset=g[0], method=g[1], seed=g[2], seconds=round(seconds, 1))
+        write_json(results / "runs" / f"{name}.json", record)
+        if not keep_checkpoints:
+            shutil.rmtree(Path(configs[name][0].output_dir) / "checkpoint", ignore_errors=True)
+        entry.update(status="done", seconds=round(seconds, 1), error=None, traceback=None,
+                     dev_accuracy=record["final"]["dev"]["accuracy"],
+                     attack={str(a["eps"]): a["accuracy"] for a in record["attack"]["attacks"]})
+        write_json(index_file, index)
+        say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f} · under attack "
+            + " / ".join(f"{v:.4f}" for v in entry["attack"].values()))
+    failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
+    if failed:
+        say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))
+    return index
