@@ -324,6 +324,41 @@ def cmd_report(argv: list[str]):
     print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
 
 
+def cmd_search(argv: list[str]):
+    from carlrar.config import TrainConfig, parse_args
+    from carlrar.methods import METHODS, config_classes
+    from carlrar.search import TABLE_8, search
+
+    p = ArgumentParser(prog="carlrar search", description="Optuna search over the paper's Table 8 bounds "
+                       "(γ, α, ε, n), objective dev accuracy, resumable (SQLite); other options as carlrar train",
+                       add_help=False)
+    p.add_argument("--study-dir", required=True, help="folder for study.db, one folder per trial, best.yaml")
+    p.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (default 20)")
+    p.add_argument("--sampler", choices=["tpe", "grid"], default="tpe")
+    p.add_argument("--params", default=",".join(TABLE_8), help=f"which to search (default {','.join(TABLE_8)})")
+    p.add_argument("--search-seed", type=int, default=0, help="the sampler's seed")
+    if argv in (["-h"], ["--help"]):
+        p.print_help()
+        print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
+        return
+    args, rest = p.parse_known_args(argv)
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    parsed = parse_args((TrainConfig, *config_classes()), rest, prog="carlrar search")
+    cfg = parsed[0]
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    by_class = {type(c): c for c in parsed[1:]}
+    configs = (cfg, *[by_class[c] for c in METHODS[cfg.method].config_classes])
+    names = [n.strip() for n in args.params.split(",") if n.strip()]
+    study = search(configs, Path(args.study_dir), args.trials, args.sampler, names, args.search_seed)
+    best = study.best_trial
+    print(f"best trial {best.number}: dev accuracy {best.value:.4f} with "
+          + ", ".join(f"{k} {v:.4g}" for k, v in best.params.items()))
+    print(f"best configuration written to {Path(args.study_dir) / 'best.yaml'} "
+          f"(carlrar train --config {Path(args.study_dir) / 'best.yaml'})", file=sys.stderr)
+
+
 def cmd_methods(argv: list[str]):
     from carlrar.methods import METHODS
 
@@ -344,7 +379,7 @@ def _data_args(p: ArgumentParser):
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
             "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods,
-            "reproduce": cmd_reproduce, "report": cmd_report}
+            "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None):

@@ -78,7 +78,8 @@ def run_configs(protocol: Protocol, dataset: str, method: str, seed: int, models
               (protocol.datasets_overrides.get(dataset) or {}, f"{protocol.source}: {dataset}"), (extra, "--set")]
     for data, where in layers:
         options.update(coerce_options(data, every, where))  # keys of other methods are valid, and ignored here
-    options.update(method=method, dataset=dataset, seed=seed, output_dir=str(models_dir / run_name(dataset, method, seed)),
+    own_files = bool(options.get("train_file"))  # a user's dataset: its name only names the runs
+    options.update(method=method, dataset=None if own_files else dataset, seed=seed, output_dir=str(models_dir / run_name(dataset, method, seed)),
                    preset=None, config=None, overwrite=False)
     return tuple(c(**{f.name: options[f.name] for f in dataclasses.fields(c) if f.name in options}) for c in classes)
 
@@ -105,7 +106,8 @@ def execute_run(configs, attack: dict) -> dict:
     final_file = out / "final_metrics.json"
     final = json.loads(final_file.read_text()) if final_file.exists() else train(*configs)
     model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
+                      cfg.label_column)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     remap = [names.index(n) for n in ds.label_names]
     dev = ds.split("dev")
@@ -144,10 +146,11 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     grid = [(d, m, s) for s in protocol.seeds for d in protocol.datasets for m in protocol.methods]
     models_dir = results / "models"
     configs = {run_name(*g): run_configs(protocol, *g, models_dir, extra) for g in grid}  # bad options fail here
-    for d in protocol.datasets:
-        from carlrar.data import load_dataset
+    from carlrar.data import load_dataset
 
-        load_dataset(d, configs[run_name(d, protocol.methods[0], protocol.seeds[0])][0].data_dir)
+    for d in protocol.datasets:  # missing or malformed data fails before anything runs
+        c = configs[run_name(d, protocol.methods[0], protocol.seeds[0])][0]
+        load_dataset(c.dataset, c.data_dir, c.train_file, c.dev_file, c.test_file, c.text_column, c.label_column)
     (results / "runs").mkdir(parents=True, exist_ok=True)
     index_file = results / "index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}

@@ -77,8 +77,10 @@ def replace_dir(tmp: Path, final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig, *method_configs) -> dict:
-    """Train ``cfg.method`` with its config dataclasses (``METHODS[...].config_classes``; defaults when omitted)."""
+def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
+    """Train ``cfg.method`` with its config dataclasses (``METHODS[...].config_classes``; defaults when omitted).
+    ``on_evaluate(step, dev_accuracy)`` is called after each dev evaluation and checkpoint (e.g. to prune a search
+    trial by raising)."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
     method_cls = METHODS[cfg.method]
@@ -162,6 +164,7 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
             record = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 3),
                       "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "dev_loss": dev["loss"],
                       **{f"train_{k}": sum(v) / len(v) for k, v in since.items() if v}}
+            state["last_accuracy"] = dev["accuracy"]
             improved = dev["accuracy"] > state["best_accuracy"]
             if improved:
                 state.update(best_accuracy=dev["accuracy"], best_step=state["step"], best_dev=dev)
@@ -177,6 +180,8 @@ def train(cfg: TrainConfig, *method_configs) -> dict:
                 f"{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
         checkpoint()
         since.clear()
+        if on_evaluate is not None and main:
+            on_evaluate(state["step"], state["last_accuracy"])
 
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not (main and sys.stderr.isatty()),

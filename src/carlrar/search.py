@@ -1,0 +1,107 @@
+"""``carlrar search``: hyperparameter search over the paper's Table 8 bounds with Optuna, objective dev accuracy.
+
+Table 8: γ (adv_init_mag) ∈ [0, 0.8], α (adv_lr) ∈ [0.01, 0.2], ε (adv_max_norm) ∈ [0, 0.5], n (adv_steps) ∈ [2, 4].
+The study lives in STUDY_DIR/study.db (SQLite), so a search stopped at any point continues where it was: a trial
+killed mid-run is detected by its missing heartbeat, retried with the same parameters, and its training resumes from
+the killed trial's checkpoint. Trials report dev accuracy at each evaluation; the median pruner stops bad ones.
+The best trial's full training configuration is written to STUDY_DIR/best.yaml (``carlrar train --config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from carlrar.errors import UserError
+
+# name → (low, high, log scale, grid points)
+TABLE_8 = {
+    "adv_init_mag": (0.0, 0.8, False, [0.0, 0.3, 0.6, 0.8]),
+    "adv_lr": (0.01, 0.2, True, [0.01, 0.05, 0.1, 0.2]),
+    "adv_max_norm": (0.0, 0.5, False, [0.0, 0.25, 0.5]),
+    "adv_steps": (2, 4, False, [2, 3, 4]),
+}
+
+
+def suggest(trial, names: list[str]) -> dict:
+    params = {}
+    for name in names:
+        low, high, log, _ = TABLE_8[name]
+        params[name] = (trial.suggest_int(name, low, high) if isinstance(low, int)
+                        else trial.suggest_float(name, low, high, log=log))
+    return params
+
+
+def make_study(study_dir: Path, sampler: str, names: list[str], seed: int):
+    import optuna
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{study_dir / 'study.db'}", heartbeat_interval=30, grace_period=90,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    if sampler == "grid":
+        chosen = optuna.samplers.GridSampler({n: TABLE_8[n][3] for n in names}, seed=seed)
+    else:
+        chosen = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.create_study(study_name="carlrar", storage=storage, sampler=chosen, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", names: list[str] | None = None,
+           seed: int = 0):
+    """Run trials until ``trials`` have completed or been pruned (counting earlier sittings); return the study."""
+    import optuna
+
+    from carlrar.config import to_dict, write_yaml
+    from carlrar.train import train
+
+    names = names or list(TABLE_8)
+    unknown = [n for n in names if n not in TABLE_8]
+    if unknown:
+        raise UserError(f"--params: {', '.join(unknown)} not searchable (choose from {', '.join(TABLE_8)})")
+    if not any(hasattr(c, names[0]) for c in configs[1:]):
+        raise UserError(f"--method {configs[0].method} has no adversarial options to search; use freelb, carl, "
+                        "rar or carl-rar")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = make_study(study_dir, sampler, names, seed)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def objective(trial):
+        params = suggest(trial, names)
+        # a retried (killed) trial trains in the original trial's folder and resumes from its checkpoint
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        number = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        out = study_dir / f"trial-{trial.number if number is None else number}"
+        run = tuple(dataclasses.replace(c, **{k: v for k, v in params.items() if hasattr(c, k)}) for c in configs)
+        run = (dataclasses.replace(run[0], output_dir=str(out), overwrite=False), *run[1:])
+        print(f"── trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), file=sys.stderr)
+
+        def report(step: int, accuracy: float):
+            trial.report(accuracy, step)
+            if trial.should_prune():
+                print(f"   pruned at step {step} (dev accuracy {accuracy:.4f})", file=sys.stderr)
+                raise optuna.TrialPruned()
+
+        final = train(*run, on_evaluate=report)
+        trial.set_user_attr("output_dir", str(out))
+        trial.set_user_attr("config", to_dict(*run))
+        return final["dev"]["accuracy"]
+
+    done = sum(t.state in finished for t in study.trials)
+    if done < trials:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished)],
+                       catch=(RuntimeError, FloatingPointError))
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise UserError(f"{study_dir}: no trial has completed yet (all pruned or failed); see trials in study.db")
+    best = study.best_trial
+    config = {k: v for k, v in best.user_attrs["config"].items()
+              if k not in ("output_dir", "overwrite", "config", "preset")}
+    write_yaml(study_dir / "best.yaml", config)
+    summary = [{"number": t.number, "state": t.state.name, "value": t.value, **t.params} for t in study.trials]
+    (study_dir / "trials.json").write_text(json.dumps(summary, indent=1))
+    return study

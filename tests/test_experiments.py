@@ -1,0 +1,116 @@
+"""reproduce (resumable grid), report (tables, bootstrap, plots) and search (Optuna) on the toy task."""
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+import yaml
+
+import carlrar.reproduce
+from carlrar.cli import main
+from carlrar.report import paired_bootstrap
+
+
+def write_protocol(path, tiny_model_dir, toy_files, methods=("base", "carl")):
+    toy = {"model": str(tiny_model_dir), "train_file": str(toy_files["train"]), "dev_file": str(toy_files["dev"]),
+           "text_column": "sentence", "max_steps": 4, "eval_steps": 2, "batch_size": 8, "lr": 1e-3,
+           "carl_negatives": 8}
+    path.write_text(yaml.safe_dump({"methods": list(methods), "datasets": ["toy"], "seeds": [0, 1],
+                                    "train": {"carl_start_step": 0.5}, "datasets_overrides": {"toy": toy},
+                                    "attack": {"eps": [0.1], "steps": 2, "distance_alphas": [0.1]}}))
+    return path
+
+
+def test_reproduce_resumes_skips_done_runs_and_reports_failures(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    protocol = write_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)
+    results = tmp_path / "results"
+    real = carlrar.reproduce.execute_run
+    calls = []
+
+    def flaky(configs, attack):  # run 2 fails, run 3 is interrupted (Ctrl-C)
+        calls.append(configs[0].resolved_output_dir().name)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(configs, attack)
+
+    monkeypatch.setattr(carlrar.reproduce, "execute_run", flaky)
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    assert e.value.code == 130
+    index = json.loads((results / "index.json").read_text())
+    status = {n: r["status"] for n, r in index["runs"].items()}
+    assert status == {"toy-base-s0": "done", "toy-carl-s0": "failed", "toy-base-s1": "pending",
+                      "toy-carl-s1": "pending"}
+    assert "disk on fire" in index["runs"]["toy-carl-s0"]["error"]
+
+    monkeypatch.setattr(carlrar.reproduce, "execute_run", real)
+    calls.clear()
+    monkeypatch.setattr(carlrar.reproduce, "execute_run", lambda c, a: calls.append(c[0].seed) or real(c, a))
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])  # the done run is skipped
+    assert calls == [0, 1, 1]
+    index = json.loads((results / "index.json").read_text())
+    assert {r["status"] for r in index["runs"].values()} == {"done"}
+    run = json.loads((results / "runs" / "toy-carl-s1.json").read_text())
+    assert len(run["per_example"]["clean_correct"]) == 8 and run["config"]["method"] == "carl"
+    assert not (results / "models" / "toy-carl-s1" / "checkpoint").exists()  # dropped once the run is done
+
+    main(["report", str(results)])
+    report = (results / "report.md").read_text()
+    for png in ("accuracy_vs_eps.png", "training_curves_toy.png", "cos_histogram_toy.png"):
+        assert (results / png).stat().st_size > 10_000, png
+    # Table 2's cell is the mean ± std of the runs' best dev accuracies
+    accs = [json.loads((results / "runs" / f"toy-carl-s{s}.json").read_text())["final"]["dev"]["accuracy"]
+            for s in (0, 1)]
+    line = next(line for line in report.splitlines() if line.startswith("| CARL |"))
+    assert f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}" in line
+    assert "## Table 5 (toy)" in report and "## Table 4 (toy)" in report and "11,685,122" in report
+
+
+def test_reproduce_rejects_bad_options_before_running(tiny_model_dir, toy_files, tmp_path, capsys):
+    protocol = write_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)
+    for argv, message in [(["--set", "no_such_option=1"], "unknown option 'no_such_option'"),
+                          (["--methods", "base,magic"], "unknown method 'magic'"),
+                          (["--protocol", "nope"], "unknown protocol 'nope'"),
+                          (["--seeds", "x"], "--seeds 'x'")]:
+        with pytest.raises(SystemExit) as e:
+            main(["reproduce", "--protocol", str(protocol), "--results", str(tmp_path / "r"), *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert e.value.code == 2 and "no index.json" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_by_hand():
+    a = np.array([[1, 1, 0, 1], [1, 0, 0, 1]], dtype=float)  # method A, 2 seeds × 4 examples
+    b = np.array([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=float)
+    mean, lo, hi = paired_bootstrap(a, b)
+    assert mean == pytest.approx((0 + 0.5 + 0 + 1) / 4)  # per-example seed means, differenced, averaged
+    assert 0.0 <= lo < mean < hi <= 1.0
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+
+
+def test_search_is_resumable_and_writes_best_config(tiny_model_dir, toy_files, tmp_path, capsys):
+    study = tmp_path / "study"
+    argv = ["search", "--study-dir", str(study), "--sampler", "grid", "--params", "adv_steps", "--method", "freelb",
+            "--model", str(tiny_model_dir), "--train_file", str(toy_files["train"]), "--dev_file",
+            str(toy_files["dev"]), "--text_column", "sentence", "--max_steps", "4", "--eval_steps", "2",
+            "--batch_size", "8", "--lr", "1e-3"]
+    main([*argv, "--trials", "2"])
+    assert sorted(p.name for p in study.glob("trial-*")) == ["trial-0", "trial-1"]
+    main([*argv, "--trials", "3"])  # one more, not three more
+    trials = json.loads((study / "trials.json").read_text())
+    assert len(trials) == 3 and sorted(t["adv_steps"] for t in trials) == [2, 3, 4]  # the grid, each once
+    best = yaml.safe_load((study / "best.yaml").read_text())
+    top = max((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: t["value"])
+    assert best["adv_steps"] == top["adv_steps"] and best["method"] == "freelb"
+    assert json.loads((study / f"trial-{top['number']}" / "final_metrics.json").read_text())["dev"]["accuracy"] \
+        == top["value"]
+    main(["train", "--config", str(study / "best.yaml"), "--output_dir", str(tmp_path / "again")])  # a valid config
