@@ -8,10 +8,12 @@ round by round so host-load drift hits all of them alike. Prints the median seco
 
 import argparse
 import os
+from pathlib import Path
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CARLRAR_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -37,22 +39,17 @@ RELATIVE_TO = {"carl n=2": "freelb n=2", "rar n=2": "freelb n=2", "rar n=2 last"
                "carl-rar n=2": "freelb n=2"}
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--batches", type=int, default=12, help="timed batches per method per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    args = p.parse_args()
+def setup(names: list[str], batch_size: int, n_batches: int, subset_size: int = 4000):
+    """MiniLM, its methods (sharing one model and one fused AdamW) and ``n_batches`` length-grouped SST-2 batches
+    spread over an epoch of a seeded ``subset_size`` subset."""
     ds = load_dataset("sst2")
     tok = load_tokenizer("minilm")
-    data = EncodedSplit(subset(ds.split("train"), 4000, 0), tok, 128)
-    sampler = LengthGroupedBatchSampler(data.lengths, args.batch_size, seed=0)
+    data = EncodedSplit(subset(ds.split("train"), subset_size, 0), tok, 128)
+    every = list(LengthGroupedBatchSampler(data.lengths, batch_size, seed=0))
     collate = Collator(tok.pad_token_id)
-    batches = [collate([data[i] for i in b]) for b in list(sampler)[: args.batches]]
+    batches = [collate([data[i] for i in b]) for b in every[:: max(1, len(every) // n_batches)][:n_batches]]
     torch.manual_seed(0)
     model = load_classifier("minilm", ds.label_names).train()
-    names = args.variants.split(",")
     methods = {}
     for n in names:  # (RAR adds its head to the model here, before the optimiser sees the parameters)
         cls = METHODS[VARIANTS[n][0]]
@@ -62,19 +59,36 @@ def main():
         methods[n] = cls(*configs, model=model, train_labels=ds.split("train").labels, total_steps=1)
         if hasattr(methods[n], "filled"):
             methods[n].filled = True
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    times = {n: [] for n in names}
-    for n in names:  # warm-up
-        methods[n].training_step(model, batches[0], lambda loss: loss.backward())
+    return model, methods, batches, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+
+def time_methods(model, methods: dict, batches: list, opt, rounds: int) -> dict[str, list[float]]:
+    """Seconds per optimiser step of each method, interleaved round by round so load drift hits all alike."""
+    times = {n: [] for n in methods}
+    for n, m in methods.items():  # warm-up
+        m.training_step(model, batches[0], lambda loss: loss.backward())
         opt.zero_grad()
-    for r in range(args.rounds):
-        for n in names:
+    for _ in range(rounds):
+        for n, m in methods.items():
             start = time.perf_counter()
             for b in batches:
-                methods[n].training_step(model, b, lambda loss: loss.backward())
+                m.training_step(model, b, lambda loss: loss.backward())
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             times[n].append((time.perf_counter() - start) / len(batches))
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", type=int, default=12, help="timed batches per method per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args()
+    model, methods, batches, opt = setup(args.variants.split(","), args.batch_size, args.batches)
+    names = list(methods)
+    times = time_methods(model, methods, batches, opt, args.rounds)
     base = statistics.median(times[names[0]])
     print(f"{torch.get_num_threads()} threads · batch {args.batch_size} · {args.batches} length-grouped SST-2 batches "
           f"× {args.rounds} rounds · mean real length {sum(b['attention_mask'].sum().item() for b in batches) / sum(len(b['labels']) for b in batches):.1f}")

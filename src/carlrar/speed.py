@@ -37,11 +37,13 @@ class ThroughputMeter:
     def reset(self):
         self.examples, self.flops, self.start = 0, 0.0, time.perf_counter()
 
-    def add(self, attention_mask: torch.Tensor, passes: float = 1.0):
-        """``passes``: forward+backward passes per example the method ran (FreeLB: n)."""
+    def add(self, attention_mask: torch.Tensor, passes: float = 1.0) -> float:
+        """``passes``: forward+backward passes per example the method ran (FreeLB: n). Returns the batch's FLOPs."""
         lengths = attention_mask.sum(1).tolist()
+        flops = passes * sum(L * train_flops_per_token(self.config, L) for L in lengths)
         self.examples += len(lengths)
-        self.flops += passes * sum(L * train_flops_per_token(self.config, L) for L in lengths)
+        self.flops += flops
+        return flops
 
     def read(self) -> tuple[float, float]:
         """(examples/s, fraction of peak) since the last reset."""

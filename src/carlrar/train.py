@@ -129,10 +129,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
-             "best_dev": None, "train_seconds": 0.0, "examples_seen": 0}
+             "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0}
     if resuming:
         accelerator.load_state(str(out / CHECKPOINT))
-        state = json.loads((out / CHECKPOINT / STATE).read_text())
+        state = {**state, **json.loads((out / CHECKPOINT / STATE).read_text())}
         if hasattr(method, "state_tensors"):
             method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
         say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
-            meter.add(batch["attention_mask"], method.passes)
+            state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * accelerator.num_processes
             for k, v in logs.items():
                 since.setdefault(k, []).append(v)
                 window.setdefault(k, []).append(v)
@@ -246,6 +246,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
              "train_examples": len(train_data), "examples_seen": state["examples_seen"],
              "train_seconds": round(state["train_seconds"], 1),
              "examples_per_s": round(state["examples_seen"] / max(state["train_seconds"], 1e-9), 1),
+             # real (non-pad) tokens only, against the fp32 matmul peak timed at start-up
+             "useful_gflops_per_s": round(state["useful_flops"] / max(state["train_seconds"], 1e-9) / 1e9, 1),
+             "matmul_peak_gflops": round(peak / 1e9, 1),
              "parameters": count_parameters(accelerator.unwrap_model(model)),
              "best_step": state["best_step"], "dev": state["best_dev"]}
     if main:
