@@ -57,6 +57,9 @@ class TrainConfig:
     log_steps: int = _f(50, "log loss / examples/s / fraction of peak every N steps")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
     overwrite: bool = _f(False, "start afresh even if output_dir holds a finished or interrupted run")
+    skip_nonfinite: bool = _f(False, "skip optimiser steps whose loss or gradient is NaN/inf (counted in the "
+                              "metrics) instead of stopping with an error")
+    trust_remote_code: bool = _f(False, "allow a hub model's own Python code to run (off: only stock architectures)")
     # where the values came from
     config: str | None = _f(None, "YAML file of defaults; command-line flags win")
     preset: str | None = _f(None, "named preset (carlrar/presets/*.yaml), e.g. the paper's Table 1 settings")

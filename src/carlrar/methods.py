@@ -270,7 +270,7 @@ class CARL(FreeLB):
     def training_step(self, model, batch, backward, scale=1.0, step=0):
         self.pending = None
         logs = super().training_step(model, batch, backward, scale, step)
-        if self.pending is not None:  # Eq. 5 for this batch's rows
+        if self.pending is not None and all(t.isfinite().all() for t in self.pending[1:]):  # Eq. 5, this batch
             index, R, R_adv = self.pending
             self.bank_orig.update(index, R)
             self.bank_adv.update(index, R_adv)

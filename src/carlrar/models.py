@@ -113,14 +113,15 @@ def albert_base_scratch(label_names: list[str]) -> Classifier:
     return Classifier(AutoModelForSequenceClassification.from_config(config))
 
 
-def load_classifier(name: str, label_names: list[str]) -> Classifier:
+def load_classifier(name: str, label_names: list[str], trust_remote_code: bool = False) -> Classifier:
     """A pretrained encoder with a fresh classification head for ``label_names``."""
     if name == "albert-base-v2-scratch":
         return albert_base_scratch(label_names)
     path = resolve(name)
     try:
-        hf = AutoModelForSequenceClassification.from_pretrained(path, **_label_kwargs(label_names))
-    except OSError as e:
+        hf = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                **_label_kwargs(label_names))
+    except (OSError, ValueError) as e:  # ValueError: e.g. custom code without --trust_remote_code
         raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
     return Classifier(hf)
 
@@ -147,7 +148,7 @@ def load_trained(directory: str | Path) -> Classifier:
     return model
 
 
-def load_tokenizer(name: str, train_texts: list[str] | None = None):
+def load_tokenizer(name: str, train_texts: list[str] | None = None, trust_remote_code: bool = False):
     """The encoder's tokenizer. ALBERT from scratch uses the hub's albert-base-v2 tokenizer when reachable,
     otherwise a SentencePiece-style Unigram tokenizer trained on the training texts (no ALBERT vocab ships
     offline)."""
@@ -159,7 +160,7 @@ def load_tokenizer(name: str, train_texts: list[str] | None = None):
                 raise UserError("albert-base-v2-scratch offline needs training texts to build its tokenizer") from None
             return train_unigram_tokenizer(train_texts, ALBERT_BASE_V2["vocab_size"])
     try:
-        return AutoTokenizer.from_pretrained(resolve(name))
+        return AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load tokenizer for {name!r}: {str(e).splitlines()[0]}") from None
 

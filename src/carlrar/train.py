@@ -37,8 +37,25 @@ CHECKPOINT, STATE, METHOD_STATE = "checkpoint", "trainer_state.json", "method_st
 RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps"}
 
 
+def recover_checkpoint(out: Path):
+    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last)."""
+    final, tmp, old = out / CHECKPOINT, out / (CHECKPOINT + ".tmp"), out / (CHECKPOINT + ".old")
+    if not (final / STATE).exists():
+        shutil.rmtree(final, ignore_errors=True)
+        for candidate in (tmp, old):
+            if (candidate / STATE).exists():
+                candidate.rename(final)
+                break
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare_output_dir(out: Path, config: dict) -> bool:
     """Create ``out``; return True when it holds an interrupted run of the same config to resume."""
+    if (out / "carlrar_config.yaml").exists():
+        recover_checkpoint(out)
+        if not (out / CHECKPOINT / STATE).exists() and not (out / "final_metrics.json").exists():
+            shutil.rmtree(out)  # killed before its first checkpoint: nothing to resume
     if (out / "final_metrics.json").exists() and not config["overwrite"]:
         raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
     if (out / CHECKPOINT / STATE).exists() and not config["overwrite"]:
@@ -92,9 +109,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
                       cfg.text_column, cfg.label_column)
     train_split = subset(ds.split("train"), cfg.train_subset, cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, train_split.texts)
+    tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
-    model = load_classifier(cfg.model, ds.label_names)
+    model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
     accelerator = Accelerator()
     if accelerator.num_processes > 1 and cfg.method in ("carl", "rar", "carl-rar"):
         raise UserError(f"--method {cfg.method} runs on one process for now (memory banks and head gradients are "
@@ -129,12 +146,20 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
-             "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0}
+             "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0,
+             "skipped_steps": 0}
     if resuming:
-        accelerator.load_state(str(out / CHECKPOINT))
-        state = {**state, **json.loads((out / CHECKPOINT / STATE).read_text())}
-        if hasattr(method, "state_tensors"):
-            method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
+        try:  # safetensors, JSON, and accelerate's torch.load(weights_only=True): no code runs from a checkpoint
+            accelerator.load_state(str(out / CHECKPOINT))
+            state = {**state, **json.loads((out / CHECKPOINT / STATE).read_text())}
+            if hasattr(method, "state_tensors"):
+                method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
+        except Exception as e:  # noqa: BLE001 (any unreadable piece means the same thing to the user)
+            raise UserError(f"{out / CHECKPOINT}: cannot resume from this checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --overwrite to start afresh") from None
+        records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        # evaluations logged after the checkpoint was taken are redone on the way
+        (out / "metrics.jsonl").write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= state["step"]))
         say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
 
     peak = measure_matmul_peak()
@@ -147,12 +172,18 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
         """Resumable state, written to a temporary directory and swapped into place."""
         accelerator.wait_for_everyone()
         tmp = out / (CHECKPOINT + ".tmp")
-        accelerator.save_state(str(tmp))
-        if main:
-            if hasattr(method, "state_tensors"):
-                save_file({k: v.contiguous() for k, v in method.state_tensors().items()}, str(tmp / METHOD_STATE))
-            (tmp / STATE).write_text(json.dumps(state))
-            replace_dir(tmp, out / CHECKPOINT)
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every process's files are in before STATE marks the copy complete
+            if main:
+                if hasattr(method, "state_tensors"):
+                    save_file({k: v.contiguous() for k, v in method.state_tensors().items()}, str(tmp / METHOD_STATE))
+                (tmp / STATE).write_text(json.dumps(state))
+                replace_dir(tmp, out / CHECKPOINT)
+        except OSError as e:  # e.g. disk full: drop the partial copy, keep the last complete checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot write a checkpoint to {out}: {e.strerror or e}; the last complete checkpoint "
+                            "is kept, so the same command resumes once there is room") from None
         accelerator.wait_for_everyone()
 
     def evaluate_and_checkpoint(since: dict):
@@ -163,6 +194,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             dev = evaluate_split(unwrapped, dev_data, ds.label_names, tokenizer.pad_token_id, cfg.eval_batch_size)
             record = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 3),
                       "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "dev_loss": dev["loss"],
+                      "skipped_steps": state["skipped_steps"],
                       **{f"train_{k}": sum(v) / len(v) for k, v in since.items() if v}}
             state["last_accuracy"] = dev["accuracy"]
             improved = dev["accuracy"] > state["best_accuracy"]
@@ -192,7 +224,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     while state["step"] < total_steps:
         sampler.set_epoch(state["epoch"])
         sampler.start = state["batches_done"]
-        micro, evaluated = 0, False
+        micro, evaluated, nonfinite = 0, False, []
         for batch in loader:
             if micro % cfg.grad_accum == 0 and hasattr(method, "before_step") and method.before_step(
                     state["step"], model, train_data, collate, cfg.eval_batch_size):
@@ -203,6 +235,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * accelerator.num_processes
+            nonfinite += [k for k, v in logs.items() if not math.isfinite(v)]
             for k, v in logs.items():
                 since.setdefault(k, []).append(v)
                 window.setdefault(k, []).append(v)
@@ -211,8 +244,19 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             state["examples_seen"] += len(batch["labels"]) * accelerator.num_processes
             if not sync:
                 continue
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the norm is needed anyway to catch a non-finite gradient; inf max-norm clips nothing
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            nonfinite += [] if torch.isfinite(norm) else ["gradient"]
+            if nonfinite and not cfg.skip_nonfinite:
+                raise UserError(f"non-finite {', '.join(dict.fromkeys(nonfinite))} at step {state['step']} "
+                                f"(epoch {state['epoch']}); lower --lr or --adv_lr, set --adv_start_step, or pass "
+                                "--skip_nonfinite to skip such steps")
+            if nonfinite:
+                optimizer.zero_grad(set_to_none=True)  # skipped: no update from this batch
+                state["skipped_steps"] += 1
+                say(f"step {state['step']}: non-finite {', '.join(dict.fromkeys(nonfinite))}, step skipped "
+                    f"({state['skipped_steps']} so far)")
+                nonfinite = []
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -250,7 +294,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
              "useful_gflops_per_s": round(state["useful_flops"] / max(state["train_seconds"], 1e-9) / 1e9, 1),
              "matmul_peak_gflops": round(peak / 1e9, 1),
              "parameters": count_parameters(accelerator.unwrap_model(model)),
-             "best_step": state["best_step"], "dev": state["best_dev"]}
+             "skipped_steps": state["skipped_steps"], "best_step": state["best_step"], "dev": state["best_dev"]}
     if main:
         if "test" in ds.splits:
             from carlrar.models import load_trained
