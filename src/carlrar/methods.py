@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from carlrar.config import check
+from carlrar.distributed import gather_rows, global_batch_order, rank, world_size
 from carlrar.perturb import ascent_step, init_delta
 
 
@@ -191,7 +192,7 @@ class CARL(FreeLB):
     config_classes = (AdversarialConfig, ContrastiveConfig)
 
     def __init__(self, adv: AdversarialConfig, carl: ContrastiveConfig, model=None, train_labels=(),
-                 total_steps: int = 0, **_):
+                 total_steps: int = 0, train_config=None, **_):
         FreeLB.__init__(self, adv)  # explicit: CARLRAR combines CARL and RAR
         from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler, Projection
 
@@ -212,6 +213,8 @@ class CARL(FreeLB):
         self.sampler = NegativeSampler(list(train_labels), carl.carl_negatives)
         self.loss = ContrastiveLoss(carl.carl_temperature, carl.carl_estimator, n, carl.carl_z_momentum)
         self.filled = False
+        # negatives come from a generator re-seeded each step: the same draws on every process and after a resume
+        self.seed, self.generator, self.step = getattr(train_config, "seed", 0), torch.Generator(), None
 
     @property
     def passes(self):
@@ -235,7 +238,8 @@ class CARL(FreeLB):
         inner, c = _inner(model), self.config
         was_training = inner.training
         inner.eval()  # fixed representations to start from: no dropout
-        batches = eval_batches(data.lengths, batch_size)
+        batches = eval_batches(data.lengths, batch_size)[rank()::world_size()]  # each process fills a share
+        rows = []
         for idx in tqdm(batches, desc="CARL bank fill", disable=not sys.stderr.isatty(), leave=False):
             b = collate([data[i] for i in idx])
             ids, mask = b["input_ids"], b["attention_mask"]
@@ -246,8 +250,13 @@ class CARL(FreeLB):
                                c.adv_init_mag)
             with torch.no_grad():
                 R_adv = inner(ids, mask, delta=delta).R
-                self.bank_orig.fill(b["index"], self.represent(inner, R))
-                self.bank_adv.fill(b["index"], self.represent(inner, R_adv))
+                rows.append((b["index"], self.represent(inner, R), self.represent(inner, R_adv)))
+        dim = self.bank_orig.rows.shape[1]
+        local = [torch.cat(p) for p in zip(*rows)] if rows else [torch.empty(0, dtype=torch.long),
+                                                                 torch.empty(0, dim), torch.empty(0, dim)]
+        index, R, R_adv = gather_rows(*local)  # every process: all rows
+        self.bank_orig.fill(index, R)
+        self.bank_adv.fill(index, R_adv)
         inner.train(was_training)
         self.filled = True
         return True
@@ -257,10 +266,12 @@ class CARL(FreeLB):
             return 0.0, {}
         if self.config.adv_reuse_dropout:
             torch.set_rng_state(self.rng)
-        R = self.represent(model, model(batch["input_ids"], batch["attention_mask"]).R)  # the original input
+        R = self.represent(model, _inner(model)(batch["input_ids"], batch["attention_mask"]).R)  # original input
         R_adv = self.represent(model, out.R)
         index = batch["index"]
-        negatives = self.sampler.sample(batch["labels"])
+        # drawn for the global batch in its order and sliced: as one process would draw them
+        (labels,), (order, mine) = gather_rows(batch["labels"]), global_batch_order(len(index))
+        negatives = self.sampler.sample(labels[order], self.generator)[mine]
         loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,
                                index=index if self.carl.carl_positive == "bank" else None)
         logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item())
@@ -268,12 +279,16 @@ class CARL(FreeLB):
         return self.carl.carl_weight * loss, logs
 
     def training_step(self, model, batch, backward, scale=1.0, step=0):
+        if step != self.step:
+            self.generator.manual_seed(self.seed * 1_000_003 + step)
+            self.step = step
         self.pending = None
         logs = super().training_step(model, batch, backward, scale, step)
-        if self.pending is not None and all(t.isfinite().all() for t in self.pending[1:]):  # Eq. 5, this batch
-            index, R, R_adv = self.pending
-            self.bank_orig.update(index, R)
-            self.bank_adv.update(index, R_adv)
+        if self.pending is not None:  # Eq. 5 with every process's rows, so all banks stay identical
+            index, R, R_adv = gather_rows(*self.pending)
+            finite = R.isfinite().all(1) & R_adv.isfinite().all(1)  # a NaN row would poison every later step
+            self.bank_orig.update(index[finite], R[finite])
+            self.bank_adv.update(index[finite], R_adv[finite])
         return logs
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

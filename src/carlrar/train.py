@@ -10,7 +10,6 @@ Output directory (``OUT``):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -21,11 +20,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from carlrar.config import TrainConfig, to_dict, write_yaml
+from carlrar.distributed import average_gradients, broadcast_parameters
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
@@ -33,8 +33,10 @@ from carlrar.methods import METHODS
 from carlrar.models import count_parameters, load_classifier, load_tokenizer
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
-CHECKPOINT, STATE, METHOD_STATE = "checkpoint", "trainer_state.json", "method_state.safetensors"
-RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps"}
+CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
+# options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
+RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps", "skip_nonfinite",
+                  "trust_remote_code"}
 
 
 def recover_checkpoint(out: Path):
@@ -60,7 +62,7 @@ def prepare_output_dir(out: Path, config: dict) -> bool:
         raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
     if (out / CHECKPOINT / STATE).exists() and not config["overwrite"]:
         saved = yaml_load(out / "carlrar_config.yaml")
-        changed = sorted(k for k in config if k not in RESUME_IGNORES and saved.get(k) != config[k])
+        changed = sorted(k for k in config if k not in RESUME_IGNORES and k in saved and saved[k] != config[k])
         if changed:
             raise UserError(f"{out} holds an interrupted run with different settings ({', '.join(changed)}); "
                             "pass --overwrite or choose another --output_dir")
@@ -112,16 +114,26 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
-    accelerator = Accelerator()
-    if accelerator.num_processes > 1 and cfg.method in ("carl", "rar", "carl-rar"):
-        raise UserError(f"--method {cfg.method} runs on one process for now (memory banks and head gradients are "
-                        "not synchronised across processes yet); use base, freelb, pgd or fgm with several")
+    # cpu=True when there is no GPU: otherwise accelerate ignores torchrun's processes on a CPU-only machine
+    # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already
+    # (accelerate would otherwise step it once per process)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), step_scheduler_with_optimizer=False)
+    main = accelerator.is_main_process
     out = cfg.resolved_output_dir()
     config = {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
-    resuming = prepare_output_dir(out, config)
-    write_yaml(out / "carlrar_config.yaml", config)
+    outcome = [None]
+    if main:  # one process owns the output directory; the others learn whether it resumes (or why it failed)
+        try:
+            outcome = [("resume", prepare_output_dir(out, config))]
+            write_yaml(out / "carlrar_config.yaml", config)
+        except UserError as e:
+            outcome = [("error", str(e))]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0][0] == "error":
+        raise UserError(outcome[0][1])
+    resuming = outcome[0][1]
 
-    main = accelerator.is_main_process
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None)
     train_data = EncodedSplit(train_split, tokenizer, cfg.max_length)
     dev_data = EncodedSplit(ds.split("dev"), tokenizer, cfg.max_length)
@@ -143,14 +155,18 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
               {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # no DistributedDataParallel wrapper: gradients are averaged once per step (carlrar.distributed explains why)
+    model = model.to(accelerator.device)
+    broadcast_parameters(model)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0,
              "skipped_steps": 0}
     if resuming:
         try:  # safetensors, JSON, and accelerate's torch.load(weights_only=True): no code runs from a checkpoint
-            accelerator.load_state(str(out / CHECKPOINT))
+            accelerator.load_state(str(out / CHECKPOINT))  # optimiser, schedule, RNG of every process
+            load_model(model, str(out / CHECKPOINT / MODEL))
             state = {**state, **json.loads((out / CHECKPOINT / STATE).read_text())}
             if hasattr(method, "state_tensors"):
                 method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
@@ -172,10 +188,14 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
         """Resumable state, written to a temporary directory and swapped into place."""
         accelerator.wait_for_everyone()
         tmp = out / (CHECKPOINT + ".tmp")
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a failed write
+        accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(tmp))
             accelerator.wait_for_everyone()  # every process's files are in before STATE marks the copy complete
             if main:
+                save_model(accelerator.unwrap_model(model), str(tmp / MODEL))
                 if hasattr(method, "state_tensors"):
                     save_file({k: v.contiguous() for k, v in method.state_tensors().items()}, str(tmp / METHOD_STATE))
                 (tmp / STATE).write_text(json.dumps(state))
@@ -232,8 +252,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                 meter.reset()
             scale = 1.0 / cfg.grad_accum
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
+            logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * accelerator.num_processes
             nonfinite += [k for k, v in logs.items() if not math.isfinite(v)]
             for k, v in logs.items():
@@ -244,6 +263,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             state["examples_seen"] += len(batch["labels"]) * accelerator.num_processes
             if not sync:
                 continue
+            average_gradients(model)  # over processes, once per optimiser step, whatever the passes and micro-batches
             # the norm is needed anyway to catch a non-finite gradient; inf max-norm clips nothing
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             nonfinite += [] if torch.isfinite(norm) else ["gradient"]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carlrar.distributed import all_mean
+
 
 class MemoryBank(nn.Module):
     """One L2-normalised row per training example (by dataset index), updated with momentum (Eq. 5).
@@ -47,7 +49,7 @@ class NegativeSampler:
     """m negatives per anchor, drawn uniformly (with replacement) from the examples whose label differs.
 
     Per-label pools of indices are built once, so a draw costs O(B·m) whatever N is. m is capped by the smallest
-    pool (with a warning). Draws use torch's global RNG, which checkpoints restore.
+    pool (with a warning). Draws use the given generator (CARL seeds one per step), else torch's global RNG.
     """
 
     def __init__(self, labels: list[int], m: int):
@@ -59,12 +61,12 @@ class NegativeSampler:
                           f"for some label; using m = {smallest}", stacklevel=2)
         self.m = min(m, smallest)
 
-    def sample(self, labels: torch.Tensor) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = torch.empty(len(labels), self.m, dtype=torch.long)
         for c in labels.unique().tolist():
             rows = labels == c
             pool = self.pools[c]
-            out[rows] = pool[torch.randint(len(pool), (int(rows.sum()), self.m))]
+            out[rows] = pool[torch.randint(len(pool), (int(rows.sum()), self.m), generator=generator)]
         return out
 
 
@@ -128,7 +130,7 @@ class ContrastiveLoss(nn.Module):
             return -torch.log_softmax(scores, dim=1)[:, 0].mean()
         h = scores.exp()
         with torch.no_grad():
-            estimate = h.mean() * self.num_rows
+            estimate = all_mean(h.mean()) * self.num_rows  # the same Z on every process
             if self.Z[view] < 0:
                 self.Z[view] = estimate
             elif self.z_momentum > 0:
