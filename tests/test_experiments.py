@@ -80,6 +80,10 @@ def test_reproduce_rejects_bad_options_before_running(tiny_model_dir, toy_files,
         assert e.value.code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "r" / "runs").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--protocol", str(protocol), "--results", str(tmp_path / "a-file" / "r")])
+    assert e.value.code == 2 and "cannot create the results folder" in capsys.readouterr().err
 
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
@@ -114,3 +118,26 @@ def test_search_is_resumable_and_writes_best_config(tiny_model_dir, toy_files, t
     assert json.loads((study / f"trial-{top['number']}" / "final_metrics.json").read_text())["dev"]["accuracy"] \
         == top["value"]
     main(["train", "--config", str(study / "best.yaml"), "--output_dir", str(tmp_path / "again")])  # a valid config
+
+
+def test_search_prunes_a_trial_below_the_median(tmp_path, monkeypatch):
+    import carlrar.train
+    from carlrar.config import TrainConfig
+    from carlrar.methods import AdversarialConfig
+    from carlrar.search import search
+
+    calls = []
+
+    def fake_train(cfg, *configs, on_evaluate):  # trials 0–2 reach 0.8 at every evaluation, trial 3 only 0.5
+        accuracy = 0.5 if len(calls) == 3 else 0.8
+        calls.append(cfg.output_dir)
+        for step in (2, 4, 6):
+            on_evaluate(step, accuracy)
+        return {"dev": {"accuracy": accuracy}}
+
+    monkeypatch.setattr(carlrar.train, "train", fake_train)
+    study = search((TrainConfig(method="freelb"), AdversarialConfig()), tmp_path / "study", trials=4,
+                   names=["adv_init_mag"])
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[3].last_step == 2  # stopped at its first evaluation past the warm-up

@@ -178,7 +178,7 @@ def plots(runs: list[dict], results: Path) -> list[Path]:
             acc = np.array([[r["attack"]["clean_accuracy"]] + [a["accuracy"] for a in r["attack"]["attacks"]]
                             for r in rs]) * 100
             ax.errorbar(eps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(rs) > 1 else None, marker="o",
-                        capsize=3, label=f"{NAMES.get(m, m)} ({len(rs)} seeds)")
+                        capsize=3, label=f"{NAMES.get(m, m)} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
         ax.set(title=f"{d}: accuracy under {rs[0]['attack']['steps']}-PGD", xlabel="ε (L2)", ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -151,7 +151,10 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     for d in protocol.datasets:  # missing or malformed data fails before anything runs
         c = configs[run_name(d, protocol.methods[0], protocol.seeds[0])][0]
         load_dataset(c.dataset, c.data_dir, c.train_file, c.dev_file, c.test_file, c.text_column, c.label_column)
-    (results / "runs").mkdir(parents=True, exist_ok=True)
+    try:
+        (results / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the results folder {results}: {e.strerror}") from None
     index_file = results / "index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}
     index.update(protocol=dataclasses.asdict(protocol), command=command or index.get("command", ""),
