@@ -135,25 +135,27 @@ def test_kill_9_at_random_moments_then_resume_matches_the_straight_run(tiny_drop
                                                                        method):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    started = time.perf_counter()
     subprocess.run(cli_train(tiny_dropout_model_dir, toy_files, straight, method), env=env, check=True,
                    capture_output=True)
-    duration = time.perf_counter() - started
     rng, kills = random.Random(0), 0
-    for attempt in range(4):  # 3 kills at random moments (start-up, training, evaluation, checkpoint, bank fill)
-        if (killed / "final_metrics.json").exists():  # killed while exiting, after the run had finished
-            break
+    state = killed / "checkpoint" / "trainer_state.json"
+    # kill 0–0.3 s after the checkpoint of a random step appears: mid-training, mid-evaluation, mid-checkpoint
+    # write, or (CARL, fill before step 14) mid-fill; then once more during start-up; then run to the end
+    for target in [*sorted(rng.sample(range(2, 38, 2), 3)), None, "end"]:
         proc = subprocess.Popen(cli_train(tiny_dropout_model_dir, toy_files, killed, method), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rng.uniform(0.3, 0.7) * duration if attempt < 3 else None)
-        except subprocess.TimeoutExpired:
+        if target == "end":
+            assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+            break
+        while target is not None and proc.poll() is None and not (
+                state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= target):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3) if target is not None else rng.uniform(0.5, 2.0))
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
             kills += 1
-            continue
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-    assert kills >= 1 and (killed / "final_metrics.json").exists()
+        proc.wait()
+    assert kills >= 3 and (killed / "final_metrics.json").exists()
     assert not any(p.name.startswith("checkpoint.") for p in killed.iterdir())
     for f in ("model.safetensors", "checkpoint/model.safetensors"):  # best-dev and last weights
         a, b = load_file(str(straight / f)), load_file(str(killed / f))

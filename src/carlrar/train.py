@@ -242,6 +242,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     window: dict[str, list[float]] = {}  # ... since the last log line
     started = time.perf_counter()
     while state["step"] < total_steps:
+        if state["batches_done"] >= len(sampler):  # resumed from a checkpoint taken on an epoch's last batch
+            state["epoch"] += 1
+            state["batches_done"] = 0
         sampler.set_epoch(state["epoch"])
         sampler.start = state["batches_done"]
         micro, evaluated, nonfinite = 0, False, []
