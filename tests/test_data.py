@@ -143,3 +143,14 @@ def test_hub_fallback_draws_seeded_per_class_subsets(monkeypatch, tmp_path):
     assert all("\\n" not in t for t in ds.splits["train"].texts)
     again = load_named("agnews", str(tmp_path))
     assert again.splits["train"].texts == ds.splits["train"].texts  # fixed seed
+
+
+def test_sampler_never_leaves_a_process_without_rows():
+    from carlrar.data import LengthGroupedBatchSampler
+
+    lengths = list(range(9))  # 9 = 4 + 4 + 1: the tail of 1 would leave one of two processes empty
+    slices = [list(LengthGroupedBatchSampler(lengths, 4, seed=0, rank=r, num_replicas=2)) for r in (0, 1)]
+    assert len(slices[0]) == len(slices[1]) == len(LengthGroupedBatchSampler(lengths, 4, num_replicas=2)) == 2
+    assert all(s for per_rank in slices for s in per_rank)
+    assert sorted(i for per_rank in slices for s in per_rank for i in s) == lengths  # every example once
+    assert len(LengthGroupedBatchSampler(lengths, 4)) == 3  # one process keeps the tail as its own batch

@@ -98,7 +98,9 @@ def test_paired_bootstrap_by_hand():
     mean, lo, hi = paired_bootstrap(a, b)
     assert mean == pytest.approx((0 + 0.5 + 0 + 1) / 4)  # per-example seed means, differenced, averaged
     assert 0.0 <= lo < mean < hi <= 1.0
-    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap(a[:1], a[:1]) == (0.0, 0.0, 0.0)  # one seed each: only examples vary, in pairs
+    width = lambda x, y: paired_bootstrap(x, y)[2] - paired_bootstrap(x, y)[1]  # noqa: E731
+    assert width(a, b) > width(a.mean(0, keepdims=True), b[:1])  # A's two seeds disagree: seed variance widens it
 
 
 def test_search_is_resumable_and_writes_best_config(tiny_model_dir, toy_files, tmp_path, capsys):

@@ -378,7 +378,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self):
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        full, tail = divmod(len(self.lengths), self.batch_size)
+        return full + (1 if tail >= self.num_replicas or (tail and not full) else 0)
 
     def global_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100003 + self.epoch)
@@ -390,6 +391,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             order = [i for s in range(0, len(order), chunk)
                      for i in sorted(order[s:s + chunk], key=lambda i: -self.lengths[i])]
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < self.num_replicas:  # a process would get no rows
+            batches[-2:] = [batches[-2] + batches[-1]]
         if self.shuffle and self.group_by_length:
             rng.shuffle(batches)
         return batches

@@ -162,8 +162,9 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     for name, (d, m, s) in zip(configs, grid):
         done = (results / "runs" / f"{name}.json").exists()
         entry = index["runs"].get(name, {})
-        index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,
-                               "status": "done" if done else entry.get("status", "pending")}
+        status = entry.get("status", "pending")
+        index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,  # done means: its JSON exists
+                               "status": "done" if done else "pending" if status == "done" else status}
     write_json(index_file, index)
 
     todo = [(name, g) for name, g in zip(configs, grid) if index["runs"][name]["status"] != "done"]

@@ -87,7 +87,13 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
                 print(f"   pruned at step {step} (dev accuracy {accuracy:.4f})", file=sys.stderr)
                 raise optuna.TrialPruned()
 
-        final = train(*run, on_evaluate=report)
+        try:
+            final = train(*run, on_evaluate=report)
+        except UserError as e:
+            if not str(e).startswith("non-finite"):
+                raise
+            print(f"   diverged: {e}".split(";")[0], file=sys.stderr)  # a bad corner of Table 8, not a bad search
+            raise optuna.TrialPruned() from None
         trial.set_user_attr("output_dir", str(out))
         trial.set_user_attr("config", to_dict(*run))
         return final["dev"]["accuracy"]

@@ -10,8 +10,10 @@ Output directory (``OUT``):
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -117,7 +119,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     # cpu=True when there is no GPU: otherwise accelerate ignores torchrun's processes on a CPU-only machine
     # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already
     # (accelerate would otherwise step it once per process)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), step_scheduler_with_optimizer=False)
+    # a long timeout: the other processes wait while the main one evaluates the whole dev set
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
     main = accelerator.is_main_process
     out = cfg.resolved_output_dir()
     config = {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
@@ -162,8 +166,12 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
 
     state = {"step": 0, "epoch": 0, "batches_done": 0, "best_accuracy": -1.0, "best_step": None,
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0,
-             "skipped_steps": 0}
+             "skipped_steps": 0, "num_processes": accelerator.num_processes}
     if resuming:
+        saved = json.loads((out / CHECKPOINT / STATE).read_text()).get("num_processes", accelerator.num_processes)
+        if saved != accelerator.num_processes:
+            raise UserError(f"{out} was trained on {saved} process(es); resume it on as many (the data position "
+                            "depends on the global batch), or pass --overwrite")
         try:  # safetensors, JSON, and accelerate's torch.load(weights_only=True): no code runs from a checkpoint
             accelerator.load_state(str(out / CHECKPOINT))  # optimiser, schedule, RNG of every process
             load_model(model, str(out / CHECKPOINT / MODEL))
@@ -173,9 +181,11 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
         except Exception as e:  # noqa: BLE001 (any unreadable piece means the same thing to the user)
             raise UserError(f"{out / CHECKPOINT}: cannot resume from this checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --overwrite to start afresh") from None
-        records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        # evaluations logged after the checkpoint was taken are redone on the way
-        (out / "metrics.jsonl").write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= state["step"]))
+        if main:  # evaluations logged after the checkpoint was taken are redone on the way
+            records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            (out / "metrics.jsonl").write_text("".join(r + "\n" for r in records
+                                                       if json.loads(r)["step"] <= state["step"]))
+        accelerator.wait_for_everyone()
         say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
 
     peak = measure_matmul_peak()
@@ -198,7 +208,8 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                 save_model(accelerator.unwrap_model(model), str(tmp / MODEL))
                 if hasattr(method, "state_tensors"):
                     save_file({k: v.contiguous() for k, v in method.state_tensors().items()}, str(tmp / METHOD_STATE))
-                (tmp / STATE).write_text(json.dumps(state))
+                (tmp / (STATE + ".part")).write_text(json.dumps(state))
+                os.replace(tmp / (STATE + ".part"), tmp / STATE)  # STATE marks a complete copy: never half of it
                 replace_dir(tmp, out / CHECKPOINT)
         except OSError as e:  # e.g. disk full: drop the partial copy, keep the last complete checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
@@ -254,6 +265,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                 checkpoint()  # e.g. CARL's filled banks: a resumed run must not fill them again
                 meter.reset()
             scale = 1.0 / cfg.grad_accum
+            if accelerator.num_processes > 1:  # unequal slices of a global batch: weight by rows, as one process
+                rows = torch.tensor([len(batch["labels"])])
+                torch.distributed.all_reduce(rows)
+                scale *= len(batch["labels"]) * accelerator.num_processes / rows.item()
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
             logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * accelerator.num_processes
@@ -270,6 +285,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             # the norm is needed anyway to catch a non-finite gradient; inf max-norm clips nothing
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             nonfinite += [] if torch.isfinite(norm) else ["gradient"]
+            if accelerator.num_processes > 1:  # all processes take the same decision
+                flag = torch.tensor([float(bool(nonfinite))])
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                nonfinite = nonfinite or (["loss on another process"] if flag.item() else [])
             if nonfinite and not cfg.skip_nonfinite:
                 raise UserError(f"non-finite {', '.join(dict.fromkeys(nonfinite))} at step {state['step']} "
                                 f"(epoch {state['epoch']}); lower --lr or --adv_lr, set --adv_start_step, or pass "

@@ -131,7 +131,9 @@ class ContrastiveLoss(nn.Module):
         h = scores.exp()
         with torch.no_grad():
             estimate = all_mean(h.mean()) * self.num_rows  # the same Z on every process
-            if self.Z[view] < 0:
+            if not torch.isfinite(estimate):
+                pass  # a non-finite batch must not poison Z for good
+            elif self.Z[view] < 0:
                 self.Z[view] = estimate
             elif self.z_momentum > 0:
                 self.Z[view] = self.z_momentum * self.Z[view] + (1 - self.z_momentum) * estimate
