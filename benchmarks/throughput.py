@@ -60,7 +60,7 @@ def trainer_examples_per_s(n: int, batch_size: int, lr: float, strategy: str) ->
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1,
-                                 learning_rate=lr, warmup_ratio=0.1, train_sampling_strategy=strategy,
+                                 learning_rate=lr, warmup_steps=-(-n // batch_size) // 10, train_sampling_strategy=strategy,
                                  save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
                                  use_cpu=True, seed=0, disable_tqdm=True)
         metrics = Trainer(model=model, args=args, train_dataset=rows,
