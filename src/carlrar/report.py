@@ -226,11 +226,11 @@ def plots(runs: list[dict], results: Path) -> list[Path]:
             pick = (lambda r: r["per_example"]["distances"][0]) if dist else (lambda r: r["per_example"]["attacks"][-1])
             label = f"α = {dist[0]['alpha']:g}, no projection" if dist else f"ε = {pick(rs[0])['eps']:g}"
             cos = np.concatenate([pick(r)["cos"] for r in rs])
-            ax.hist(cos, bins=50, range=(min(0.0, float(cos.min())), 1.0), histtype="step", linewidth=1.5,
+            ax.hist(cos, bins=50, range=(-1.0, 1.0), histtype="step", linewidth=1.5,
                     label=f"{NAMES.get(m, m)} (mean {cos.mean():.3f})")
         ax.set(title=f"{d}: cos(R, R^adv) per dev example ({label}, all seeds)", xlabel="cosine similarity",
                ylabel="examples", yscale="log")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
         written.append(_save(fig, results / f"cos_histogram_{d}.png"))
     return written
 
