@@ -144,7 +144,8 @@ def tables(index: dict, runs: list[dict]) -> str:
         ours = {r["final"]["parameters"] for d in datasets for r in groups.get((d, m), [])}
         lines.append(f"| {NAMES.get(m, m)} | {', '.join(f'{p:,}' for p in sorted(ours))} | "
                      f"{albert['rar' if m in ('rar', 'carl-rar') else 'base']:,} |")
-    lines += ["", "Training time per run (s, mean over seeds, incl. CARL's bank fill; not the attack): "
+    lines += ["", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the attack; on a "
+              "shared machine these include slow-downs from other jobs, see benchmarks/ for clean speed): "
               + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"
                           for (d, m), v in groups.items()), ""]
     failed = {n: r for n, r in index["runs"].items() if r["status"] == "failed"}
