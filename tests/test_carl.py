@@ -279,3 +279,18 @@ def test_bad_option_values_are_one_line_errors():
     with pytest.raises(SystemExit) as e:  # the same check from the command line, before any file is read
         main(["train", "--method", "carl", "--carl_estimator", "NCE", "--train_file", "missing.tsv"])
     assert e.value.code == 2
+
+
+def test_best_dev_model_is_never_from_before_the_carl_start(tiny_model_dir, toy_files, tmp_path):
+    """Before its start step CARL is plain FreeLB: a best-dev checkpoint from then would report FreeLB as CARL."""
+    import json
+
+    from carlrar.methods import AdversarialConfig, ContrastiveConfig
+    from carlrar.train import train
+    from test_train import cfg_for
+
+    final = train(cfg_for(tiny_model_dir, toy_files, tmp_path / "run", method="carl", max_steps=6, eval_steps=2),
+                  AdversarialConfig(), ContrastiveConfig(carl_start_step=4, carl_negatives=8))
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert final["best_step"] == 6 and final["dev"]["accuracy"] == evals[-1]["dev_accuracy"]

@@ -199,6 +199,7 @@ class CARL(FreeLB):
         self.carl = carl
         start = carl.carl_start_step
         self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
+        self.select_after_step = self.start_step  # best-dev checkpoints only once L_D has trained the model
         if not 0 < self.start_step < total_steps:
             warnings.warn(f"CARL: start step {self.start_step} is outside 1..{total_steps - 1}: "
                           f"{'L_D starts before any FreeLB step' if self.start_step <= 0 else 'L_D never applies'}",

@@ -228,7 +228,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                       "skipped_steps": state["skipped_steps"],
                       **{f"train_{k}": sum(v) / len(v) for k, v in since.items() if v}}
             state["last_accuracy"] = dev["accuracy"]
-            improved = dev["accuracy"] > state["best_accuracy"]
+            # a method may not be itself yet early on (CARL is FreeLB before its start step): no best model from then
+            eligible = state["step"] > getattr(method, "select_after_step", 0) or state["step"] >= total_steps
+            improved = eligible and dev["accuracy"] > state["best_accuracy"]
             if improved:
                 state.update(best_accuracy=dev["accuracy"], best_step=state["step"], best_dev=dev)
                 tmp = out / "best.tmp"
