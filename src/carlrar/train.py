@@ -168,14 +168,17 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
              "best_dev": None, "train_seconds": 0.0, "examples_seen": 0, "useful_flops": 0.0,
              "skipped_steps": 0, "num_processes": accelerator.num_processes}
     if resuming:
-        saved = json.loads((out / CHECKPOINT / STATE).read_text()).get("num_processes", accelerator.num_processes)
-        if saved != accelerator.num_processes:
-            raise UserError(f"{out} was trained on {saved} process(es); resume it on as many (the data position "
-                            "depends on the global batch), or pass --overwrite")
+        try:
+            saved = json.loads((out / CHECKPOINT / STATE).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{out / CHECKPOINT / STATE}: unreadable ({e}); pass --overwrite to start afresh") from None
+        if saved.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+            raise UserError(f"{out} was trained on {saved['num_processes']} process(es); resume it on as many (the "
+                            "data position depends on the global batch), or pass --overwrite")
         try:  # safetensors, JSON, and accelerate's torch.load(weights_only=True): no code runs from a checkpoint
             accelerator.load_state(str(out / CHECKPOINT))  # optimiser, schedule, RNG of every process
             load_model(model, str(out / CHECKPOINT / MODEL))
-            state = {**state, **json.loads((out / CHECKPOINT / STATE).read_text())}
+            state = {**state, **saved}
             if hasattr(method, "state_tensors"):
                 method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
         except Exception as e:  # noqa: BLE001 (any unreadable piece means the same thing to the user)
