@@ -7,6 +7,7 @@ import torch
 
 from carlrar.data import (Collator, EncodedSplit, LengthGroupedBatchSampler, Split, label_map_from, load_files,
                           load_named, subset)
+from carlrar.errors import UserError
 from conftest import SHARED_DATA
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
@@ -67,6 +68,16 @@ def test_generic_jsonl_with_names(tmp_path):
     assert ds.label_names == ["neg", "pos"]
     assert ds.splits["train"].texts == ["good", "bad", "fine"] and ds.splits["train"].labels == [1, 0, 1]
     assert ds.splits["dev"].labels == [0]
+
+
+def test_split_for_model_renumbers_to_the_model_label_order(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    ds = load_files(str(f), str(f))
+    assert ds.split("dev").labels == [1, 0]  # dataset order: neg, pos
+    assert ds.split_for_model("dev", ["pos", "neg", "mixed"]).labels == [0, 1]
+    with pytest.raises(UserError, match="labels the model does not know: neg"):
+        ds.split_for_model("dev", ["pos"])
 
 
 def test_subset_is_seeded_and_sized():

@@ -63,12 +63,7 @@ def _model_and_data(args, limit: int | None = None, seed: int = 0):
             to_id = {str(i): i for i in range(len(names))}  # labels given as ids
         split = Split(texts, encode_labels(raw, to_id, args.file), args.file)
     else:
-        split = ds.split(args.split)
-        extra = sorted(set(ds.label_names) - set(names))
-        if extra:
-            raise UserError(f"dataset {args.dataset!r} has labels the model does not know: {', '.join(extra)}")
-        remap = [names.index(n) for n in ds.label_names]
-        split = Split(split.texts, [remap[y] for y in split.labels], split.source)
+        split = ds.split_for_model(args.split, names)
     return model, tokenizer, names, EncodedSplit(subset(split, limit, seed), tokenizer, args.max_length)
 
 

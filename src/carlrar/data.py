@@ -51,6 +51,15 @@ class TextDataset:
                             f"available: {', '.join(self.splits)}")
         return self.splits[name]
 
+    def split_for_model(self, name: str, model_labels: list[str]) -> Split:
+        """Split ``name`` with label ids renumbered to a trained model's ``id2label`` order."""
+        split = self.split(name)
+        extra = sorted(set(self.label_names) - set(model_labels))
+        if extra:
+            raise UserError(f"dataset {self.name!r} has labels the model does not know: {', '.join(extra)}")
+        remap = [model_labels.index(n) for n in self.label_names]
+        return Split(split.texts, [remap[y] for y in split.labels], split.source)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Named datasets: the layouts of shared/data (see its README) and their hub equivalents.

@@ -108,10 +108,7 @@ def execute_run(configs, attack: dict) -> dict:
     model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
                       cfg.label_column)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    remap = [names.index(n) for n in ds.label_names]
-    dev = ds.split("dev")
-    dev = type(dev)(dev.texts, [remap[y] for y in dev.labels], dev.source)
+    dev = ds.split_for_model("dev", [model.config.id2label[i] for i in range(model.config.num_labels)])
     result = attack_split(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id,
                           attack["eps"], attack["steps"], None, "l2", attack["distance_alphas"],
                           cfg.eval_batch_size, seed=cfg.seed, per_example=True)
