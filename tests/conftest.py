@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random BERT (with MiniLM's real tokenizer) and small labelled files."""
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -71,3 +72,11 @@ def toy_files(tmp_path) -> dict:
     """Toy sentiment train/dev TSVs (header sentence, label) under tmp_path."""
     dev = [(t, 1) for t in POSITIVE[:4]] + [(t, 0) for t in NEGATIVE[:4]]
     return {"train": write_tsv(tmp_path / "train.tsv", TOY_TRAIN), "dev": write_tsv(tmp_path / "dev.tsv", dev)}
+
+
+def checkpoint_step(state: Path) -> int:
+    """Step of the checkpoint on disk; -1 while there is none (or it is being swapped in under our feet)."""
+    try:
+        return json.loads(state.read_text() or "{}").get("step", 0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1

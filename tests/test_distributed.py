@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import checkpoint_step
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -67,7 +69,7 @@ def test_two_process_carl_run_killed_and_resumed(tiny_model_dir, toy_files, tmp_
     state = out / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill once the step-3 checkpoint (banks filled) exists
-        if state.exists() and json.loads(state.read_text())["step"] >= 3:
+        if checkpoint_step(state) >= 3:
             subprocess.run(["pkill", "-9", "-f", str(out)])  # torchrun and both workers, mid-run
             break
         time.sleep(0.05)

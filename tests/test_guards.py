@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from carlrar.errors import UserError
 from carlrar.methods import METHODS
 from carlrar.train import train
+from conftest import checkpoint_step
 from test_train import cfg_for
 
 
@@ -147,8 +148,7 @@ def test_kill_9_at_random_moments_then_resume_matches_the_straight_run(tiny_drop
         if target == "end":
             assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
             break
-        while target is not None and proc.poll() is None and not (
-                state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= target):
+        while target is not None and proc.poll() is None and checkpoint_step(state) < target:
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3) if target is not None else rng.uniform(0.5, 2.0))
         if proc.poll() is None:
