@@ -48,14 +48,14 @@ def _model_and_data(args, limit: int | None = None, seed: int = 0):
     from transformers import AutoTokenizer
 
     from carlrar.data import EncodedSplit, Split, encode_labels, load_dataset, read_examples, subset
-    from carlrar.models import load_trained
+    from carlrar.models import label_names, load_trained
 
     ds = None if args.file else load_dataset(args.dataset, args.data_dir)  # bad data fails before the model loads
     if ds is not None:
         ds.split(args.split)
     model = load_trained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    names = label_names(model)
     if args.file:
         texts, raw = read_examples(Path(args.file), [args.text_column], args.label_column)
         to_id = {n: i for i, n in enumerate(names)}
@@ -203,7 +203,7 @@ def cmd_predict(argv: list[str]):
 
     from carlrar.data import read_examples
     from carlrar.evaluate import predict_texts
-    from carlrar.models import load_trained
+    from carlrar.models import label_names, load_trained
 
     p = ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
     p.add_argument("--model", required=True)
@@ -227,7 +227,7 @@ def cmd_predict(argv: list[str]):
         raise UserError(f"{args.file or 'stdin'}: no text to predict")
     model, tokenizer = load_trained(args.model), AutoTokenizer.from_pretrained(args.model)
     probs = predict_texts(model, tokenizer, texts, args.max_length, args.batch_size)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    names = label_names(model)
     lines = [json.dumps({"text": t, "label": names[int(p.argmax())],
                          "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}) for t, p in zip(texts, probs)]
     if args.output:

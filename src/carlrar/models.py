@@ -107,6 +107,11 @@ def _label_kwargs(label_names: list[str]) -> dict:
                 label2id={n: i for i, n in enumerate(label_names)})
 
 
+def label_names(model) -> list[str]:
+    """The label of each class id, in id order (the inverse of ``_label_kwargs``)."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
 def albert_base_scratch(label_names: list[str]) -> Classifier:
     """Random-init ALBERT with albert-base-v2's dimensions (11,685,122 parameters with 2 labels, Table 7)."""
     config = AlbertConfig(**ALBERT_BASE_V2, **_label_kwargs(label_names))

@@ -98,7 +98,7 @@ def execute_run(configs, attack: dict) -> dict:
     from carlrar.attack import attack_split
     from carlrar.config import to_dict
     from carlrar.data import EncodedSplit, load_dataset
-    from carlrar.models import load_trained
+    from carlrar.models import label_names, load_trained
     from carlrar.train import train
 
     cfg = configs[0]
@@ -108,7 +108,7 @@ def execute_run(configs, attack: dict) -> dict:
     model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
                       cfg.label_column)
-    dev = ds.split_for_model("dev", [model.config.id2label[i] for i in range(model.config.num_labels)])
+    dev = ds.split_for_model("dev", label_names(model))
     result = attack_split(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id,
                           attack["eps"], attack["steps"], None, "l2", attack["distance_alphas"],
                           cfg.eval_batch_size, seed=cfg.seed, per_example=True)
