@@ -52,6 +52,24 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+def total_rows(rows: int) -> int:
+    """Sum of a row count over processes (a global batch split into unequal slices)."""
+    if world_size() == 1:
+        return rows
+    x = torch.tensor([rows])
+    dist.all_reduce(x)
+    return int(x.item())
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is true on any one (so all take the same decision)."""
+    if world_size() == 1:
+        return flag
+    x = torch.tensor([float(flag)])
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
 def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each tensor's rows from every process, concatenated rank by rank (row counts may differ)."""
     n = world_size()

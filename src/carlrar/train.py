@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from carlrar.config import TrainConfig, to_dict, write_yaml
-from carlrar.distributed import average_gradients, broadcast_parameters
+from carlrar.distributed import any_process, average_gradients, broadcast_parameters, total_rows
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
@@ -271,9 +271,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                 meter.reset()
             scale = 1.0 / cfg.grad_accum
             if accelerator.num_processes > 1:  # unequal slices of a global batch: weight by rows, as one process
-                rows = torch.tensor([len(batch["labels"])])
-                torch.distributed.all_reduce(rows)
-                scale *= len(batch["labels"]) * accelerator.num_processes / rows.item()
+                scale *= len(batch["labels"]) * accelerator.num_processes / total_rows(len(batch["labels"]))
             sync = (micro + 1) % cfg.grad_accum == 0 or state["batches_done"] + 1 == len(sampler)
             logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * accelerator.num_processes
@@ -290,10 +288,8 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             # the norm is needed anyway to catch a non-finite gradient; inf max-norm clips nothing
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             nonfinite += [] if torch.isfinite(norm) else ["gradient"]
-            if accelerator.num_processes > 1:  # all processes take the same decision
-                flag = torch.tensor([float(bool(nonfinite))])
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                nonfinite = nonfinite or (["loss on another process"] if flag.item() else [])
+            if any_process(bool(nonfinite)) and not nonfinite:  # all processes take the same decision
+                nonfinite = ["loss on another process"]
             if nonfinite and not cfg.skip_nonfinite:
                 raise UserError(f"non-finite {', '.join(dict.fromkeys(nonfinite))} at step {state['step']} "
                                 f"(epoch {state['epoch']}); lower --lr or --adv_lr, set --adv_start_step, or pass "
