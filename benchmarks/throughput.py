@@ -7,7 +7,7 @@ B. carlrar's training loop (``carlrar.train.train``, method base) vs ``transform
    4,000 SST-2 examples, batch 32, one epoch, fused AdamW both; each run a fresh process, rounds interleaved,
    medians compared. Target: carlrar ≥ 1.2 × Trainer.
 
-    .venv/bin/python benchmarks/throughput.py            # both parts, about 15 minutes
+    .venv/bin/python benchmarks/throughput.py            # both parts, about 10 minutes (15 with --malloc-env)
 """
 
 import argparse
