@@ -19,7 +19,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset  # noqa: E402
-from carlrar.methods import METHODS, AdversarialConfig, ContrastiveConfig, ReconstructionConfig  # noqa: E402
+from carlrar.methods import METHODS, AdversarialConfig, ContrastiveConfig, Method, ReconstructionConfig  # noqa: E402
+from carlrar.objectives import ContrastiveTerm  # noqa: E402
 from carlrar.models import load_classifier, load_tokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -52,13 +53,13 @@ def setup(names: list[str], batch_size: int, n_batches: int, subset_size: int = 
     model = load_classifier("minilm", ds.label_names).train()
     methods = {}
     for n in names:  # (RAR adds its head to the model here, before the optimiser sees the parameters)
-        cls = METHODS[VARIANTS[n][0]]
-        configs = VARIANTS[n][1:] or [c() for c in cls.config_classes]
+        configs = VARIANTS[n][1:] or [c() for c in METHODS[VARIANTS[n][0]].config_classes]
         # CARL: banks sized for the full SST-2 train set, so m = 16,000 negatives are really drawn; their
         # content does not change the cost, so skip the fill pass and mark them filled
-        methods[n] = cls(*configs, model=model, train_labels=ds.split("train").labels, total_steps=1)
-        if hasattr(methods[n], "filled"):
-            methods[n].filled = True
+        methods[n] = Method(VARIANTS[n][0], *configs, model=model, train_labels=ds.split("train").labels,
+                            total_steps=1)
+        if methods[n].term(ContrastiveTerm) is not None:
+            methods[n].term(ContrastiveTerm).filled = True
     return model, methods, batches, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
 

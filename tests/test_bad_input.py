@@ -249,3 +249,44 @@ def test_predict_missing_model_directory(capsys, tmp_path):
     msg = user_error(capsys, ["predict", "--model", str(model), "--file", str(texts), "--output", str(output)])
     assert msg == f"{model}: no such model directory"
     assert not output.parent.exists()
+
+
+# 15 --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [
+    (("--eps", "0.1,nan"), "eps = nan: must be a finite number ≥ 0"),
+    (("--eps", "-0.1"), "eps = -0.1: must be a finite number ≥ 0"),
+    (("--step-size", "0"), "step_size = 0.0: must be a finite number > 0"),
+    (("--steps", "-1"), "steps = -1: must be a whole number ≥ 0"),
+    (("--distance_alphas", "inf"), "distance_alphas = inf: must be a finite number ≥ 0"),
+], ids=["nan-eps", "negative-eps", "zero-step-size", "negative-steps", "infinite-alpha"])
+def test_bad_attack_knobs(capsys, tiny_model_dir, files, flags, expected):
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    msg = user_error(capsys, ["attack", "--model", str(tiny_model_dir), "--file", str(files["dev"]), *flags])
+    assert msg == expected
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before  # no attack_*.json next to the model
+
+
+def test_bad_attack_section_of_a_protocol(capsys, tmp_path):
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text("attack:\n  eps: [0.1, -1]\n", encoding="utf-8")
+    msg = user_error(capsys, ["reproduce", "--protocol", str(protocol), "--results", str(tmp_path / "r")])
+    assert msg == f"{protocol}: attack: eps = -1: must be a finite number ≥ 0"
+    protocol.write_text("attack:\n  epsilon: [0.1]\n", encoding="utf-8")
+    msg = user_error(capsys, ["reproduce", "--protocol", str(protocol), "--results", str(tmp_path / "r")])
+    assert msg == f"{protocol}: attack: unknown key(s) epsilon"
+    assert not (tmp_path / "r").exists()
+
+
+# 16 --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, expected", [
+    (None, "{path}: file not found"),
+    ("text\tlabel\nawful\t0\n", "{path}: not a JSONL file written by carlrar generate"),
+    ('{"text": "awful", "label": "0"}\n', "{path}: no samples with 'generated' and 'label' fields"),
+], ids=["missing", "not-jsonl", "not-samples"])
+def test_augment_bad_samples(capsys, tmp_path, content, expected):
+    path = tmp_path / "samples.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    msg = user_error(capsys, ["augment", "--samples", str(path), "--output", str(tmp_path / "aug.tsv")])
+    assert msg == expected.format(path=path)
+    assert not (tmp_path / "aug.tsv").exists()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from carlrar.config import TrainConfig
-from carlrar.methods import CARL, AdversarialConfig, ContrastiveConfig
+from carlrar.methods import AdversarialConfig, ContrastiveConfig, Method
+from carlrar.objectives import ContrastiveTerm
 from carlrar.objectives import ContrastiveLoss, MemoryBank, NegativeSampler
 from carlrar.objectives.contrastive import bank_scores
 from carlrar.train import train
@@ -152,7 +153,7 @@ def test_fill_pass_touches_every_index_once_without_updating(tiny_model_dir, toy
     data = EncodedSplit(ds.splits["train"], tok, 32)
     model = load_classifier(str(tiny_model_dir), ds.label_names)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    carl = CARL(AdversarialConfig(), CARL_KNOBS, model=model, train_labels=data.labels, total_steps=10)
+    carl = ContrastiveTerm(CARL_KNOBS, AdversarialConfig(), model, train_labels=data.labels, total_steps=10)
     seen = []
     real_fill = MemoryBank.fill
     monkeypatch.setattr(MemoryBank, "fill", lambda self, idx, v: (seen.append((id(self), idx.tolist())),
@@ -172,18 +173,18 @@ def test_fill_pass_touches_every_index_once_without_updating(tiny_model_dir, toy
 def test_resume_after_fill_gives_same_banks_and_next_losses(tiny_model_dir, toy_files, tmp_path, monkeypatch):
     adv = AdversarialConfig(adv_init_mag=0.0)
     train(carl_config(tiny_model_dir, toy_files, tmp_path / "straight"), adv, CARL_KNOBS)
-    real_step, calls = CARL.training_step, {"n": 0}
+    real_step, calls = Method.training_step, {"n": 0}
 
     def crash_after_fill(self, *a, **kw):
-        if self.filled:
+        if self.term(ContrastiveTerm).filled:
             raise KeyboardInterrupt
         return real_step(self, *a, **kw)
 
-    monkeypatch.setattr(CARL, "training_step", crash_after_fill)
+    monkeypatch.setattr(Method, "training_step", crash_after_fill)
     with pytest.raises(KeyboardInterrupt):
         train(carl_config(tiny_model_dir, toy_files, tmp_path / "resumed"), adv, CARL_KNOBS)
     assert json.loads((tmp_path / "resumed/checkpoint/trainer_state.json").read_text())["step"] == 3
-    monkeypatch.setattr(CARL, "training_step", real_step)
+    monkeypatch.setattr(Method, "training_step", real_step)
     train(carl_config(tiny_model_dir, toy_files, tmp_path / "resumed"), adv, CARL_KNOBS)
     a = load_file(str(tmp_path / "straight/checkpoint/method_state.safetensors"))
     b = load_file(str(tmp_path / "resumed/checkpoint/method_state.safetensors"))

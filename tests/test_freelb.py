@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from carlrar.attack import attack_split
 from carlrar.config import TrainConfig
 from carlrar.data import EncodedSplit, Split
-from carlrar.methods import FGM, PGD, AdversarialConfig, Base, FreeLB
+from carlrar.methods import AdversarialConfig, base_step, fgm_step, freelb_step, pgd_step
 from carlrar.models import load_classifier, load_trained
 from carlrar.train import train
 from conftest import NEGATIVE, POSITIVE
@@ -35,8 +35,8 @@ def grads(model):
 def test_freelb_one_pass_zero_init_equals_plain_step(model_and_batch):
     model, batch = model_and_batch
     twin = copy.deepcopy(model)
-    Base(None).training_step(model, batch, lambda loss: loss.backward())
-    FreeLB(AdversarialConfig(adv_steps=1, adv_init_mag=0.0)).training_step(twin, batch, lambda loss: loss.backward())
+    base_step(model, batch, lambda loss: loss.backward())
+    freelb_step(twin, batch, lambda loss: loss.backward(), AdversarialConfig(adv_steps=1, adv_init_mag=0.0))
     a, b = grads(model), grads(twin)
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
@@ -49,8 +49,8 @@ def test_freelb_accumulates_mean_of_per_pass_gradients(model_and_batch, eps):
     ids, mask, y = batch["input_ids"], batch["attention_mask"], batch["labels"]
     n, gamma, alpha = 3, 0.5, 0.3
     torch.manual_seed(1)
-    FreeLB(AdversarialConfig(adv_steps=n, adv_init_mag=gamma, adv_lr=alpha, adv_max_norm=eps)).training_step(
-        model, batch, lambda loss: loss.backward())
+    freelb_step(model, batch, lambda loss: loss.backward(),
+                AdversarialConfig(adv_steps=n, adv_init_mag=gamma, adv_lr=alpha, adv_max_norm=eps))
     got = grads(model)
 
     # By hand: the same init draw, then each pass on a fresh copy of the (unchanged) parameters.
@@ -90,11 +90,11 @@ def test_reused_dropout_masks_make_passes_see_the_same_dropout(tiny_model_dir, m
     real_forward = model.forward
     model.forward = lambda *a, **kw: seen.append(real_forward(*a, **kw)) or seen[-1]
     cfg = AdversarialConfig(adv_steps=2, adv_init_mag=0.0, adv_lr=0.0)  # α = 0: both passes see δ = 0
-    FreeLB(cfg).training_step(model, batch, lambda loss: loss.backward())
+    freelb_step(model, batch, lambda loss: loss.backward(), cfg)
     assert torch.equal(seen[0].logits, seen[1].logits)  # same masks → identical passes
     seen.clear()
-    FreeLB(AdversarialConfig(adv_steps=2, adv_init_mag=0.0, adv_lr=0.0, adv_reuse_dropout=False)).training_step(
-        model, batch, lambda loss: loss.backward())
+    freelb_step(model, batch, lambda loss: loss.backward(),
+                AdversarialConfig(adv_steps=2, adv_init_mag=0.0, adv_lr=0.0, adv_reuse_dropout=False))
     assert not torch.equal(seen[0].logits, seen[1].logits)  # fresh masks per pass (stock behaviour)
 
 
@@ -102,7 +102,7 @@ def test_pgd_leaves_no_gradient_from_ascent_and_fgm_adds_both_passes(model_and_b
     model, batch = model_and_batch
     ids, mask, y = batch["input_ids"], batch["attention_mask"], batch["labels"]
     cfg = AdversarialConfig(adv_steps=2, adv_init_mag=0.0, adv_lr=0.2, adv_max_norm=0.0)
-    logs = PGD(cfg).training_step(model, batch, lambda loss: loss.backward())
+    logs = pgd_step(model, batch, lambda loss: loss.backward(), cfg)
     one_pass = copy.deepcopy(model)
     one_pass.zero_grad()
     clean = F.cross_entropy(one_pass(ids, mask).logits, y)
@@ -118,7 +118,7 @@ def test_pgd_leaves_no_gradient_from_ascent_and_fgm_adds_both_passes(model_and_b
     for k, v in grads(model).items():
         assert torch.allclose(v, dict(one_pass.named_parameters())[k].grad, atol=1e-6, rtol=1e-4), k
     model.zero_grad()
-    logs = FGM(cfg).training_step(model, batch, lambda loss: loss.backward())
+    logs = fgm_step(model, batch, lambda loss: loss.backward(), cfg)
     assert logs["loss_adv"] > logs["loss_clean"]
 
 

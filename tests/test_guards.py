@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from carlrar.errors import UserError
-from carlrar.methods import METHODS
+from carlrar.methods import Method
 from carlrar.train import train
 from conftest import checkpoint_step
 from test_train import cfg_for
@@ -21,7 +21,7 @@ from test_train import cfg_for
 
 def poison(monkeypatch, method: str, at_call: int, where: str):
     """Make the ``at_call``-th training step of ``method`` produce a NaN loss value or a NaN gradient."""
-    Method, real, calls = METHODS[method], METHODS[method].training_step, {"n": 0}
+    real, calls = Method.training_step, {"n": 0}
 
     def step(self, model, batch, backward, scale=1.0, step=0):
         calls["n"] += 1
@@ -54,7 +54,7 @@ def test_skip_nonfinite_skips_and_counts(tiny_model_dir, toy_files, tmp_path, mo
 
 def interrupted_run(tiny_model_dir, toy_files, out, monkeypatch):
     """A run stopped after its step-4 checkpoint."""
-    real, calls = METHODS["base"].training_step, {"n": 0}
+    real, calls = Method.training_step, {"n": 0}
 
     def stop(self, *a, **kw):
         calls["n"] += 1
@@ -62,10 +62,10 @@ def interrupted_run(tiny_model_dir, toy_files, out, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(METHODS["base"], "training_step", stop)
+    monkeypatch.setattr(Method, "training_step", stop)
     with pytest.raises(KeyboardInterrupt):
         train(cfg_for(tiny_model_dir, toy_files, out))
-    monkeypatch.setattr(METHODS["base"], "training_step", real)
+    monkeypatch.setattr(Method, "training_step", real)
 
 
 class Payload:

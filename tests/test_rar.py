@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from carlrar.config import TrainConfig
-from carlrar.methods import RAR, AdversarialConfig, ReconstructionConfig
+from carlrar.methods import AdversarialConfig, ReconstructionConfig
 from carlrar.models import albert_base_scratch, count_parameters, load_trained
-from carlrar.objectives.reconstruction import Reconstructor, load_mlm_head, reconstruction_loss
+from carlrar.objectives.reconstruction import (ReconstructionTerm, Reconstructor, load_mlm_head,
+                                               reconstruction_loss)
 from carlrar.train import train
 from conftest import NEGATIVE, POSITIVE
 
@@ -18,7 +19,7 @@ from conftest import NEGATIVE, POSITIVE
 def test_albert_with_reconstructor_has_the_papers_parameter_count():
     model = albert_base_scratch(["negative", "positive"])
     assert count_parameters(model) == 11_685_122
-    RAR(AdversarialConfig(), ReconstructionConfig(), model=model)
+    ReconstructionTerm(ReconstructionConfig(), AdversarialConfig(), model)
     assert count_parameters(model) == 11_813_810  # Table 7: + dense 98,432 + LayerNorm 256 + vocab bias 30,000
     head = model.heads["reconstructor"]
     assert head.decoder_weight is model.word_embeddings.weight  # one tensor, not a copy

@@ -3,26 +3,82 @@
 - Table 5: accuracy under attack for each ε (and the attack success rate on examples that were correct).
 - Table 4: mean cosine similarity and Euclidean distance between R and R^adv (R = final [CLS] state) after k-PGD
   steps of size α with no projection, for each α (paper: 0.1 and 0.075).
-The attack uses the same perturbation engine as training (``carlrar.perturb``).
+The attack uses the same perturbation engine as training (``carlrar.perturb``). ``AttackConfig`` is its one set of
+knobs: the flags of ``carlrar attack`` / ``carlrar generate`` and the ``attack:`` section of a reproduce protocol.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from carlrar.config import check, config_field
 from carlrar.data import Collator, EncodedSplit, eval_batches
+from carlrar.errors import UserError
 from carlrar.perturb import ascent_step, init_delta, project
+
+
+@dataclass
+class AttackConfig:
+    """The knobs of k-PGD for ``attack_split`` (via ``run_attack``); checked on creation, as one-line user errors."""
+
+    eps: list[float] = field(default_factory=lambda: [0.02, 0.075, 0.1],
+                             metadata={"help": "attack radii ε, comma-separated (Table 5)"})
+    steps: int = config_field(10, "K: PGD steps")
+    step_size: float | None = config_field(None, "step size α of the ε attacks (default ε/4)")
+    norm: str = config_field("l2", "norm of the ascent step and of the ε-ball", choices=["l2", "linf"])
+    init_mag: float = config_field(0.0, "random init magnitude (0: zero init)")
+    distance_alphas: list[float] = field(default_factory=lambda: [0.1, 0.075], metadata={
+        "help": "step sizes α of the unprojected R vs R^adv distances, comma-separated (Table 4; '' to skip)"})
+
+    def __post_init__(self):
+        check(self)
+        self.eps, self.distance_alphas = _as_list(self.eps), _as_list(self.distance_alphas)
+        for name, value in [*(("eps", e) for e in self.eps), *(("distance_alphas", a) for a in self.distance_alphas),
+                            ("init_mag", self.init_mag)]:
+            _check_number(name, value)
+        if self.step_size is not None:
+            _check_number("step_size", self.step_size, positive=True)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise UserError(f"steps = {self.steps!r}: must be a whole number ≥ 0")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> AttackConfig:
+        """From a protocol's ``attack:`` mapping (keys as the fields, ``-`` or ``_``); missing keys keep defaults."""
+        options = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls(**options)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+
+
+def _as_list(values) -> list:
+    """A copy as a list (a config never shares its caller's list); a YAML scalar is a list of one."""
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
+def _check_number(name: str, value, positive: bool = False):
+    """A finite number ≥ 0 (> 0 with ``positive``), or a one-line user error naming the option."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise UserError(f"{name} = {value!r}: must be a finite number {'> 0' if positive else '≥ 0'}")
 
 
 def pgd_attack(model, input_ids, attention_mask, labels, eps: float, steps: int, step_size: float,
                norm: str = "l2", init_mag: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """k-PGD: ``steps`` normalised ascent steps on δ from the init, projected onto ‖δ‖ ≤ ε (0: unbounded)."""
     shape = (*input_ids.shape, model.word_embeddings.embedding_dim)
-    delta = project(init_delta(torch.empty(shape), attention_mask, init_mag, norm, generator), eps, norm)
+    delta = torch.empty(shape, device=input_ids.device)
+    delta = project(init_delta(delta, attention_mask, init_mag, norm, generator), eps, norm)
     for _ in range(steps):
         delta.requires_grad_()
         logits = model(input_ids, attention_mask, delta=delta).logits
@@ -56,17 +112,18 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
                leave=False)
     for idx in batches:
         b = collate([encoded[i] for i in idx])
-        ids, mask, y, where = b["input_ids"], b["attention_mask"], b["labels"], b["index"]
+        where = b["index"]  # results are gathered on the CPU; the batch goes to the model's device
+        ids, mask, y = (b[k].to(model.device) for k in ("input_ids", "attention_mask", "labels"))
         with torch.no_grad():
             clean = model(ids, mask)
-        clean_pred[where] = clean.logits.argmax(-1)
+        clean_pred[where] = clean.logits.argmax(-1).cpu()
         for r, (_, _, alpha, bound) in enumerate(runs):
             delta = pgd_attack(model, ids, mask, y, bound, steps, alpha, norm, init_mag, generator)
             with torch.no_grad():
                 adv = model(ids, mask, delta=delta)
-            preds[r][where] = adv.logits.argmax(-1)
-            cos[r][where] = F.cosine_similarity(clean.R, adv.R, dim=-1)
-            dist[r][where] = (clean.R - adv.R).norm(dim=-1)
+            preds[r][where] = adv.logits.argmax(-1).cpu()
+            cos[r][where] = F.cosine_similarity(clean.R, adv.R, dim=-1).cpu()
+            dist[r][where] = (clean.R - adv.R).norm(dim=-1).cpu()
             bar.update(1)
     bar.close()
     model.train(was_training)
@@ -93,6 +150,13 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
             "distances": [{"alpha": v, "cos": [round(x, 5) for x in cos[r].tolist()]}
                           for r, (k, v, _, _) in enumerate(runs) if k == "alpha"]}
     return result
+
+
+def run_attack(model, encoded: EncodedSplit, pad_token_id: int, config: AttackConfig, batch_size: int = 64,
+               seed: int = 0, progress: bool = True, per_example: bool = False) -> dict:
+    """``attack_split`` with the knobs of an ``AttackConfig``: how the CLI and reproduce attack."""
+    return attack_split(model, encoded, pad_token_id, config.eps, config.steps, config.step_size, config.norm,
+                        config.distance_alphas, batch_size, config.init_mag, seed, progress, per_example)
 
 
 def print_attack(result: dict, title: str):

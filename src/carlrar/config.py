@@ -19,9 +19,12 @@ from carlrar.errors import UserError
 PRESETS = Path(__file__).parent / "presets"
 
 
-def _f(default, help: str, **argparse_kwargs):
+def config_field(default, help: str, **argparse_kwargs):
     """A config field: ``help`` (and e.g. ``choices``) go to argparse through HfArgumentParser."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+_f = config_field
 
 
 @dataclass

@@ -101,3 +101,12 @@ def global_batch_order(local_rows: int) -> tuple[torch.Tensor, slice]:
     total = int(sizes.sum())
     g = torch.arange(total)
     return offsets[g % n] + g // n, slice(rank(), None, n)
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable ``obj`` on every process (e.g. whether a run resumes)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,4 +1,8 @@
-"""Clean evaluation: accuracy, macro-F1, per-class accuracy, confusion matrix; and prediction on raw text."""
+"""Clean evaluation: accuracy, macro-F1, per-class accuracy, confusion matrix; and prediction on raw text.
+
+``load_model_and_split`` is the common start of ``carlrar evaluate / attack / generate``: a trained model and one
+split with its labels in the model's order.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from carlrar.data import Collator, EncodedSplit, eval_batches
+from carlrar.data import Collator, EncodedSplit, eval_batches, load_dataset, read_labelled_file, subset
 
 
 @torch.no_grad()
@@ -21,7 +25,8 @@ def predict_logits(model, encoded: EncodedSplit, pad_token_id: int, batch_size: 
     batches = eval_batches(encoded.lengths, batch_size)
     for idx in tqdm(batches, desc=progress, disable=progress is None or not sys.stderr.isatty(), leave=False):
         batch = collate([encoded[i] for i in idx])
-        logits[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.float()
+        ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        logits[batch["index"]] = model(ids, mask).logits.float().cpu()
     model.train(was_training)
     return logits
 
@@ -36,9 +41,40 @@ def predict_texts(model, tokenizer, texts: list[str], max_length: int = 128, bat
     collate = Collator(tokenizer.pad_token_id)
     for idx in eval_batches([len(x) for x in ids], batch_size):
         batch = collate([{"input_ids": ids[i], "label": 0, "index": i} for i in idx])
-        probs[batch["index"]] = model(batch["input_ids"], batch["attention_mask"]).logits.float().softmax(-1)
+        inputs = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        probs[batch["index"]] = model(*inputs).logits.float().softmax(-1).cpu()
     model.train(was_training)
     return probs
+
+
+def predictions(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 64) -> list[dict]:
+    """Per text: the predicted label and every label's probability (6 decimals), as ``carlrar predict`` writes."""
+    from carlrar.models import label_names
+
+    probs = predict_texts(model, tokenizer, texts, max_length, batch_size)
+    names = label_names(model)
+    return [{"text": t, "label": names[int(p.argmax())],
+             "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}} for t, p in zip(texts, probs)]
+
+
+def load_model_and_split(model_dir: str, dataset: str | None = "sst2", split: str = "dev",
+                         data_dir: str | None = None, file: str | None = None, text_column: str = "text",
+                         label_column: str = "label", max_length: int = 128, limit: int | None = None,
+                         seed: int = 0):
+    """The trained model, its tokenizer, its label names and the requested split (``file``, else ``split`` of
+    ``dataset``; a seeded ``limit`` subset), encoded, with labels mapped onto the model's."""
+    from transformers import AutoTokenizer
+
+    from carlrar.models import label_names, load_trained
+
+    ds = None if file else load_dataset(dataset, data_dir)  # bad data fails before the model loads
+    if ds is not None:
+        ds.split(split)
+    model = load_trained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    names = label_names(model)
+    data = read_labelled_file(file, text_column, label_column, names) if file else ds.split_for_model(split, names)
+    return model, tokenizer, names, EncodedSplit(subset(data, limit, seed), tokenizer, max_length)
 
 
 def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:

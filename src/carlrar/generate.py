@@ -3,11 +3,15 @@
 Each example is attacked with k-PGD on its word embeddings; the reconstructor's argmax at every real position of
 the adversarial token states is decoded into text. The paper shows six such samples; we also measure how often a
 generated text fools a separate ``target`` model (e.g. plain fine-tuning) that was right on the original.
+``write_samples`` stores them (JSONL or CSV, with a summary beside); ``augment`` turns them into a training file.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +41,7 @@ def generate_split(model, tokenizer, encoded: EncodedSplit, texts: list[str], la
     generated, edit_rate = [None] * len(encoded), [0.0] * len(encoded)
     batches = eval_batches(encoded.lengths, batch_size)
     for idx in tqdm(batches, desc="generate", disable=not (progress and sys.stderr.isatty()), leave=False):
-        b = collate([encoded[i] for i in idx])
+        b = {k: v.to(model.device) for k, v in collate([encoded[i] for i in idx]).items()}
         ids, mask = b["input_ids"], b["attention_mask"]
         delta = pgd_attack(model, ids, mask, b["labels"], eps, steps, step_size or max(eps, 1e-12) / 4, norm)
         new = reconstruct(model, ids, mask, delta)
@@ -76,3 +80,51 @@ def summarize(records: list[dict], max_edit_rate: float | None = None) -> dict:
     if "target_fooled" in out:
         out["transfer_success_rate"] = out.pop("target_fooled")
     return out
+
+
+def write_samples(records: list[dict], out: Path, summary: dict) -> Path:
+    """Samples as JSONL (or CSV when ``out`` ends in .csv), and ``summary`` as OUT_summary.json beside them."""
+    out = Path(out)
+    if out.suffix == ".csv":
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["text"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    summary_file = out.with_name(out.stem + "_summary.json")
+    summary_file.write_text(json.dumps(summary, indent=2))
+    return summary_file
+
+
+def print_samples(records: list[dict], n: int = 5):
+    for r in records[:n]:
+        print(f"[{r['label']}] {r['original_decoded']}\n   → {r['generated']}  (edit rate {r['edit_rate']:.2f})")
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The JSONL of ``carlrar generate``; anything else is a one-line user error."""
+    try:
+        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a JSONL file written by carlrar generate") from None
+    if not records or not all("generated" in r and "label" in r for r in records):
+        raise UserError(f"{path}: no samples with 'generated' and 'label' fields")
+    return records
+
+
+def augment(samples: Path, output: Path, with_originals: bool = False,
+            max_edit_rate: float | None = None) -> tuple[int, int]:
+    """A training TSV (header text, label; usable with --train-file) from generated samples: the changed, non-empty
+    generated texts within ``max_edit_rate``, then with ``with_originals`` every original text.
+    Returns (rows written, generated rows)."""
+    records = read_samples(samples)
+    keep = [r for r in records if r["changed"] and r["generated"].split()
+            and (max_edit_rate is None or r["edit_rate"] <= max_edit_rate)]
+    clean = lambda t: " ".join(t.replace("\t", " ").split())  # noqa: E731  (TSV: no tabs or newlines)
+    rows = [(clean(r["generated"]), r["label"]) for r in keep]
+    rows += [(clean(r["text"]), r["label"]) for r in records] if with_originals else []
+    Path(output).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+    return len(rows), len(keep)

@@ -80,26 +80,39 @@ class Classifier(nn.Module):
         states = out.hidden_states[-1]
         return ClassifierOutput(out.logits, states[:, 0], states)
 
+    @property
+    def device(self) -> torch.device:
+        return self.hf.device
+
     def save(self, directory: str | Path, tokenizer=None):
-        """HF files (pipeline() loads them) plus ``carlrar_heads.safetensors`` when there are heads."""
+        """HF files (pipeline() loads them) plus ``carlrar_heads.safetensors`` when there are heads; each head's
+        ``spec()`` and class go to ``carlrar_heads.json``, from which ``load_trained`` rebuilds it."""
         self.hf.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         if len(self.heads):
             save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()},
                       str(Path(directory) / HEADS_FILE))
-            (Path(directory) / HEADS_CONFIG).write_text(json.dumps({n: h.spec() for n, h in self.heads.items()}))
+            specs = {n: {"class": f"{type(h).__module__}.{type(h).__qualname__}", **h.spec()}
+                     for n, h in self.heads.items()}
+            (Path(directory) / HEADS_CONFIG).write_text(json.dumps(specs))
 
-    def add_reconstructor(self):
-        """Attach RAR's reconstructor, tied to the word embeddings (initialised from a pretrained MLM head if the
-        encoder's checkpoint has one); returns it."""
-        from carlrar.objectives.reconstruction import Reconstructor
 
-        if "reconstructor" not in self.heads:
-            act = self.config.hidden_act if isinstance(self.config.hidden_act, str) else "gelu"
-            self.heads["reconstructor"] = Reconstructor(self.config.hidden_size, self.word_embeddings,
-                                                        getattr(self.config, "layer_norm_eps", 1e-12), act)
-        return self.heads["reconstructor"]
+# heads saved before carlrar_heads.json named their class
+HEAD_CLASSES = {"reconstructor": "carlrar.objectives.reconstruction.Reconstructor",
+                "carl_projection": "carlrar.objectives.contrastive.Projection"}
+
+
+def head_from_spec(name: str, spec: dict, model: Classifier) -> nn.Module:
+    """A saved head rebuilt from its spec. The class is imported by name, and only from carlrar itself, so the
+    model module needs no objective and a model folder cannot name code to run."""
+    import importlib
+
+    path = spec.get("class", HEAD_CLASSES.get(name, ""))
+    module, _, cls = path.rpartition(".")
+    if not module.startswith("carlrar."):
+        raise UserError(f"head {name!r}: unknown class {path!r}")
+    return getattr(importlib.import_module(module), cls).from_spec(spec, model)
 
 
 def _label_kwargs(label_names: list[str]) -> dict:
@@ -142,13 +155,8 @@ def load_trained(directory: str | Path) -> Classifier:
         raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from None
     model = Classifier(hf)
     if (Path(directory) / HEADS_CONFIG).is_file():
-        from carlrar.objectives import Projection
-
         for name, spec in json.loads((Path(directory) / HEADS_CONFIG).read_text()).items():
-            if name == "reconstructor":
-                model.add_reconstructor()
-            elif name == "carl_projection":
-                model.heads[name] = Projection(spec["in_features"], spec["out_features"])
+            model.heads[name] = head_from_spec(name, spec, model)
         model.heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
     return model
 

@@ -8,6 +8,8 @@ Writes RESULTS/report.md and RESULTS/*.png:
 - Paired bootstrap 95 % CI of CARL − FreeLB and RAR − FreeLB: dev examples resampled with replacement (the same
   for both methods), and each method's seeds resampled too.
 - accuracy_vs_eps.png, training_curves.png, cos_histogram.png.
+
+``carlrar compare RUN...`` (``compare_runs``) is the small version for plain ``carlrar train`` output directories.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from carlrar.errors import UserError
 ORDER = ["base", "fgm", "pgd", "freelb", "carl", "rar", "carl-rar"]
 NAMES = {"base": "Fine-tune", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl-rar": "CARL+RAR",
          "pgd": "PGD", "fgm": "FGM"}
+NORMS = {"l2": "L2", "linf": "L∞"}
 
 
 def load_runs(results: Path) -> tuple[dict, list[dict]]:
@@ -74,6 +77,14 @@ def correctness(runs: list[dict], eps: float | None) -> np.ndarray:
                     dtype=float)
 
 
+def attack_setting(attack: dict) -> str:
+    """How a run attacked, for titles: norm, step size, init; a protocol's ``attack:`` section may change each."""
+    fixed = sorted({a["step_size"] for a in attack["attacks"] if a["step_size"] != a["eps"] / 4})
+    step = f"step {', '.join(f'{s:g}' for s in fixed)}" if fixed else "step ε/4"
+    init = f"random init {attack['init_mag']:g}" if attack["init_mag"] else "zero init"
+    return f"{NORMS.get(attack['norm'], attack['norm'])}, {step}, {init}"
+
+
 def tables(index: dict, runs: list[dict]) -> str:
     groups = grouped(runs)
     datasets = sorted({d for d, _ in groups})
@@ -103,9 +114,9 @@ def tables(index: dict, runs: list[dict]) -> str:
         lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cell(d, m, acc) for d in datasets) + f" | {delta} |")
 
     for d in datasets:
-        eps = [a["eps"] for a in next(iter(v for k, v in groups.items() if k[0] == d))[0]["attack"]["attacks"]]
-        alphas = [a["alpha"] for a in next(iter(v for k, v in groups.items() if k[0] == d))[0]["attack"]["distances"]]
-        steps = next(iter(v for k, v in groups.items() if k[0] == d))[0]["attack"]["steps"]
+        attack = next(iter(v for k, v in groups.items() if k[0] == d))[0]["attack"]  # the grid attacks alike
+        eps, alphas = [a["eps"] for a in attack["attacks"]], [a["alpha"] for a in attack["distances"]]
+        steps = attack["steps"]
         if alphas:
             lines += ["", f"## Table 4 ({d}): cos(R, R^adv) / ‖R − R^adv‖ after {steps}-PGD with step α, "
                       "no projection", "", "| method | " + " | ".join(f"α={a:g} cos | α={a:g} Euclid" for a in alphas)
@@ -117,7 +128,7 @@ def tables(index: dict, runs: list[dict]) -> str:
                     cells += [cell(d, m, lambda r: dist(r, "mean_cos"), 1.0, 4),
                               cell(d, m, lambda r: dist(r, "mean_euclid"), 1.0, 3)]
                 lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-        lines += ["", f"## Table 5 ({d}): accuracy (%) under {steps}-PGD (L2, step ε/4, zero init)", "",
+        lines += ["", f"## Table 5 ({d}): accuracy (%) under {steps}-PGD ({attack_setting(attack)})", "",
                   "| method | clean | " + " | ".join(f"ε={e:g}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
         for m in methods:
             under = [cell(d, m, lambda r, e=e: next(a["accuracy"] for a in r["attack"]["attacks"] if a["eps"] == e))
@@ -159,11 +170,12 @@ def albert_parameter_counts() -> dict[str, int]:
     import torch
 
     from carlrar.models import albert_base_scratch, count_parameters
+    from carlrar.objectives import attach_reconstructor
 
     torch.manual_seed(0)
     model = albert_base_scratch(["0", "1"])
     base = count_parameters(model)
-    model.add_reconstructor()
+    attach_reconstructor(model)
     return {"base": base, "rar": count_parameters(model)}
 
 
@@ -187,7 +199,8 @@ def plots(runs: list[dict], results: Path) -> list[Path]:
                             for r in rs]) * 100
             ax.errorbar(eps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(rs) > 1 else None, marker="o",
                         capsize=3, label=f"{NAMES.get(m, m)} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-        ax.set(title=f"{d}: accuracy under {rs[0]['attack']['steps']}-PGD", xlabel="ε (L2)", ylabel="accuracy (%)")
+        ax.set(title=f"{d}: accuracy under {rs[0]['attack']['steps']}-PGD", ylabel="accuracy (%)",
+               xlabel=f"ε ({NORMS.get(rs[0]['attack']['norm'], rs[0]['attack']['norm'])})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     written.append(_save(fig, results / "accuracy_vs_eps.png"))
@@ -253,3 +266,36 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
     out = results / "report.md"
     out.write_text(text, encoding="utf-8")
     return out, pngs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ``carlrar compare``: finished ``carlrar train`` runs side by side (no reproduce folder needed).
+
+
+def compare_runs(runs: list[Path]) -> tuple[list[float], list[tuple[Path, dict, dict]]]:
+    """Every ε attacked in any run (first seen first), and per run: its final metrics and the results by ε of its
+    first ``attack_*.json``."""
+    rows, eps = [], []
+    for run in map(Path, runs):
+        final = run / "final_metrics.json"
+        if not final.is_file():
+            raise UserError(f"{run}: no final_metrics.json (not a finished carlrar run)")
+        metrics = json.loads(final.read_text())
+        attacks = [json.loads(f.read_text()) for f in sorted(run.glob("attack_*.json"))]
+        by_eps = {a["eps"]: a for r in attacks[:1] for a in r["attacks"]}
+        eps += [e for e in by_eps if e not in eps]
+        rows.append((run, metrics, by_eps))
+    return eps, rows
+
+
+def print_comparison(eps: list[float], rows: list[tuple[Path, dict, dict]]):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="clean dev accuracy and accuracy under k-PGD (cos(R, R^adv) in brackets)")
+    for col in ["run", "method", "dev acc", *[f"ε={e:g}" for e in eps], "ex/s"]:
+        table.add_column(col, justify="left" if col in ("run", "method") else "right")
+    for run, m, by_eps in rows:
+        cells = [f"{by_eps[e]['accuracy']:.4f} ({by_eps[e]['mean_cos']:.3f})" if e in by_eps else "–" for e in eps]
+        table.add_row(str(run), m["method"], f"{m['dev']['accuracy']:.4f}", *cells, f"{m['examples_per_s']:.0f}")
+    Console(width=200).print(table)

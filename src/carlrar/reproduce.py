@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from carlrar.attack import AttackConfig
 from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
 from carlrar.errors import UserError
 
@@ -38,7 +39,7 @@ class Protocol:
     seeds: list[int]
     train: dict
     datasets_overrides: dict
-    attack: dict
+    attack: AttackConfig
     source: str
 
     @classmethod
@@ -53,11 +54,27 @@ class Protocol:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"source"}
         if unknown:
             raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-        attack = {"eps": [0.02, 0.075, 0.1], "steps": 10, "distance_alphas": [0.1, 0.075], **(data.get("attack") or {})}
+        attack = AttackConfig.from_dict(data.get("attack") or {}, f"{path}: attack")
         return cls(methods=list(data.get("methods", ["base", "freelb", "carl", "rar", "carl-rar"])),
                    datasets=list(data.get("datasets", ["sst2"])), seeds=list(data.get("seeds", [0, 1, 2])),
                    train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
                    attack=attack, source=str(path))
+
+    def narrow(self, methods: str | None = None, datasets: str | None = None, seeds: str | None = None):
+        """The grid of --methods / --datasets (comma-separated) and --seeds (N: seeds 0..N-1, or comma-separated)
+        where given, instead of the protocol's."""
+        if methods:
+            self.methods = [m.strip() for m in methods.split(",") if m.strip()]
+        if datasets:
+            self.datasets = [d.strip() for d in datasets.split(",") if d.strip()]
+        if seeds:
+            try:
+                numbers = [int(s) for s in seeds.split(",") if s.strip()]
+            except ValueError:
+                raise UserError(f"--seeds {seeds!r}: expected a number or comma-separated integers") from None
+            self.seeds = list(range(numbers[0])) if len(numbers) == 1 and "," not in seeds else numbers
+        if not (self.methods and self.datasets and self.seeds):
+            raise UserError("the grid is empty: give at least one method, dataset and seed")
 
 
 def run_name(dataset: str, method: str, seed: int) -> str:
@@ -91,11 +108,11 @@ def write_json(path: Path, data):
     os.replace(tmp, path)
 
 
-def execute_run(configs, attack: dict) -> dict:
+def execute_run(configs, attack: AttackConfig) -> dict:
     """Train (resuming if interrupted), then attack the best-dev model on the dev set."""
     from transformers import AutoTokenizer
 
-    from carlrar.attack import attack_split
+    from carlrar.attack import run_attack
     from carlrar.config import to_dict
     from carlrar.data import EncodedSplit, load_dataset
     from carlrar.models import label_names, load_trained
@@ -109,9 +126,8 @@ def execute_run(configs, attack: dict) -> dict:
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
                       cfg.label_column)
     dev = ds.split_for_model("dev", label_names(model))
-    result = attack_split(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id,
-                          attack["eps"], attack["steps"], None, "l2", attack["distance_alphas"],
-                          cfg.eval_batch_size, seed=cfg.seed, per_example=True)
+    result = run_attack(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id, attack,
+                        cfg.eval_batch_size, seed=cfg.seed, per_example=True)
     per_example = result.pop("per_example")
     curves = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"config": to_dict(*configs), "final": final, "attack": result, "per_example": per_example,

@@ -42,11 +42,12 @@ REAL_RUNS = {
 }
 
 
-def toy_args(tmp: Path) -> list[str]:
+def toy_args(tmp: Path, model: Path | None = None) -> list[str]:
+    """Flags of the toy runs; ``model``: conftest's ``tiny_dropout_model_dir`` (built here when not given)."""
     sys.path.insert(0, str(TESTS))
     from conftest import NEGATIVE, POSITIVE, TOY_TRAIN, make_tiny_bert, write_tsv
 
-    model = tmp / "tiny-bert-dropout"
+    model = model or tmp / "tiny-bert-dropout"
     if not model.exists():
         make_tiny_bert(model, dropout=0.1, seed=0)
     train = write_tsv(tmp / "train.tsv", TOY_TRAIN)
@@ -61,13 +62,13 @@ def real_args(tmp: Path) -> list[str]:
             "--log_steps", "10", "--threads", "2"]
 
 
-def run(kind: str, name: str, tmp: Path) -> dict:
+def run(kind: str, name: str, tmp: Path, model: Path | None = None) -> dict:
     """Train one golden run; its trace: every evaluation record and the final dev metrics."""
     from carlrar.cli import main
 
     method, extra = (TOY_RUNS if kind == "toy" else REAL_RUNS)[name]
     out = tmp / f"{kind}-{name}"
-    common = toy_args(tmp) if kind == "toy" else real_args(tmp)
+    common = toy_args(tmp, model) if kind == "toy" else real_args(tmp)
     main(["train", *common, "--method", method, *extra, "--output_dir", str(out), "--overwrite"])
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((out / "final_metrics.json").read_text())

@@ -1,14 +1,34 @@
-"""CARL's contrastive objective (Eq. 2–5): memory banks, negatives of other labels, softmax and NCE estimators."""
+"""CARL's contrastive objective (Eq. 2–6) and everything it needs: the memory banks and their momentum update
+(Eq. 5), the negatives of other labels, the softmax and NCE estimators, the bank-filling epoch, and the term that a
+FreeLB step adds to its last pass.
+
+References: Qiu, Zhang, Zhou, "Improving Gradient-based Adversarial Training for Text Classification by Contrastive
+Learning and Auto-Encoder" (ACL Findings 2021, https://arxiv.org/abs/2109.06536), Eq. 2–6 and Table 3; the memory
+bank and NCE as in CRD (Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020,
+https://arxiv.org/abs/1910.10699, github.com/HobbitLong/RepDistiller ``crd/memory.py``, ``crd/criterion.py``).
+"""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carlrar.distributed import all_mean
+from carlrar.config import check, config_field as _f
+from carlrar.distributed import all_mean, gather_rows, global_batch_order, rank, world_size
+from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss
+
+CITATION = """@inproceedings{qiu2021carl,
+  title = {Improving Gradient-based Adversarial Training for Text Classification by Contrastive Learning and
+           Auto-Encoder},
+  author = {Qiu, Yao and Zhang, Jinchao and Zhou, Jie},
+  booktitle = {Findings of the Association for Computational Linguistics: ACL-IJCNLP 2021},
+  year = {2021}
+}"""
 
 
 class MemoryBank(nn.Module):
@@ -77,6 +97,10 @@ class Projection(nn.Linear):
     def spec(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features}
 
+    @classmethod
+    def from_spec(cls, spec: dict, model) -> Projection:
+        return cls(spec["in_features"], spec["out_features"])
+
 
 def bank_scores(anchor: torch.Tensor, bank: MemoryBank, index: torch.Tensor) -> torch.Tensor:
     """anchor · bank[index[b, j]] for every row b (B × m), without building a B × m × d tensor: score each distinct
@@ -107,6 +131,9 @@ class ContrastiveLoss(nn.Module):
 
     Relations: InfoNCE / CPC (softmax), CRD (nce, bank positives); sentence-transformers'
     MultipleNegativesRankingLoss is the softmax estimator with in-batch negatives instead of a memory bank.
+
+    References: the paper's Eq. 2–4 (https://arxiv.org/abs/2109.06536); NCE with a memory bank: Wu et al. 2018
+    (https://arxiv.org/abs/1805.01978), CRD (https://arxiv.org/abs/1910.10699). ``CITATION`` holds the BibTeX.
 
     Example::
 
@@ -155,3 +182,166 @@ class ContrastiveLoss(nn.Module):
         return loss_o + loss_a, {"loss_D_o": loss_o.item(), "loss_D_a": loss_a.item(),
                                  "score_pos": pos_a.mean().item() / self.temperature,
                                  "score_neg": neg_a.mean().item() / self.temperature}
+
+
+@dataclass
+class ContrastiveConfig:
+    """CARL (Eq. 2–6). Defaults: the paper's (m = 16,000, τ = 0.07, M = 0.5) with a CPU-sized start step."""
+
+    carl_start_step: float = _f(0.5, "first step with L_D; < 1 means that fraction of training (Table 3: SST-2 "
+                                     "6315, Yahoo 7200, Yelp-P 5625, AG News 7750); the banks are filled just before")
+    carl_negatives: int = _f(16000, "m: negatives per anchor, of other labels (paper: 16,000; Yelp-P 20,000)")
+    carl_temperature: float = _f(0.07, "τ in h(x, y) = exp(x·y / τ) (Eq. 4)")
+    carl_momentum: float = _f(0.5, "M in the bank update B ← M·B + (1 − M)·R (Eq. 5)")
+    carl_weight: float = _f(1.0, "weight of L_D next to L_C (Eq. 6: 1)")
+    carl_estimator: str = _f("softmax", "softmax (exact over the sampled set) or nce (the paper's approximation)",
+                             choices=["softmax", "nce"])
+    carl_positive: str = _f("live", "live: R / R^adv as in Eq. 2; bank: the other view's bank row, as CRD",
+                            choices=["live", "bank"])
+    carl_z_momentum: float = _f(0.9, "NCE: moving average of Z (0: CRD's Z fixed on the first batch)")
+    bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)",
+                         choices=["float32", "float16"])
+    carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
+
+    def __post_init__(self):
+        check(self, minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0})
+
+
+class ContrastiveTerm(ObjectiveTerm):
+    """CARL's L_D as a term of FreeLB's last pass (Eq. 6: L_C + w·L_D), with its banks, sampler and schedule.
+
+    Plain FreeLB until the start step; then one pass over the training set fills B_orig and B_adv (``before_step``);
+    from then on the last FreeLB pass also forwards the clean input (same dropout masks) for R, scores R and R^adv
+    against m negatives of other labels from the other view's bank, and once the step's backward is done writes
+    both views into the banks (Eq. 5). On several processes every process draws the negatives of the global batch
+    and applies every process's rows, so the banks stay identical everywhere.
+
+    Args: ``config`` (ContrastiveConfig), ``adv`` (the FreeLB config: the fill uses its init and ascent steps),
+    ``model`` (a Classifier; the optional projection head is added to ``model.heads``), ``train_labels`` (one label
+    per training example, by dataset index), ``total_steps`` (resolves a fractional start step), ``seed``.
+
+    Example::
+
+        term = ContrastiveTerm(ContrastiveConfig(carl_start_step=1, carl_negatives=4), AdversarialConfig(), model,
+                               train_labels=[0, 1] * 8, total_steps=10)
+        freelb_step(model, batch, lambda loss: loss.backward(), AdversarialConfig(), terms=(term,), step=5)
+    """
+
+    def __init__(self, config: ContrastiveConfig, adv, model, train_labels=(), total_steps: int = 0, seed: int = 0):
+        self.config, self.adv = config, adv
+        start = config.carl_start_step
+        self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
+        self.select_after_step = self.start_step  # best-dev checkpoints only once L_D has trained the model
+        if not 0 < self.start_step < total_steps:
+            warnings.warn(f"CARL: start step {self.start_step} is outside 1..{total_steps - 1}: "
+                          f"{'L_D starts before any FreeLB step' if self.start_step <= 0 else 'L_D never applies'}",
+                          stacklevel=2)
+        device, n, dim = model.device, len(train_labels), model.config.hidden_size
+        if config.carl_proj_dim > 0:  # a model head, so the optimiser, checkpoints and saving all see it
+            model.heads["carl_projection"] = Projection(dim, config.carl_proj_dim).to(device)
+            dim = config.carl_proj_dim
+        dtype = {"float32": torch.float32, "float16": torch.float16}[config.bank_dtype]
+        self.bank_orig = MemoryBank(n, dim, config.carl_momentum, dtype).to(device)
+        self.bank_adv = MemoryBank(n, dim, config.carl_momentum, dtype).to(device)
+        self.sampler = NegativeSampler(list(train_labels), config.carl_negatives)
+        self.loss = ContrastiveLoss(config.carl_temperature, config.carl_estimator, n, config.carl_z_momentum).to(device)
+        self.filled = False
+        # negatives come from a generator re-seeded each step: the same draws on every process and after a resume
+        self.seed, self.generator, self.step = seed, torch.Generator(), None
+
+    @classmethod
+    def from_run(cls, configs, model, train_labels, total_steps, train_config):
+        from carlrar.methods.adversarial import AdversarialConfig
+
+        return cls(configs[ContrastiveConfig], configs[AdversarialConfig], model, train_labels, total_steps,
+                   getattr(train_config, "seed", 0))
+
+    @property
+    def extra_passes(self) -> int:
+        return 1 if self.filled else 0  # the clean pass that gives R
+
+    @staticmethod
+    def represent(model, R: torch.Tensor) -> torch.Tensor:
+        """R (or its projection) on the unit sphere, where the banks and h(x, y) live."""
+        heads = model.heads
+        return F.normalize(heads["carl_projection"](R) if "carl_projection" in heads else R, dim=1)
+
+    def before_step(self, step, model, data, collate, batch_size) -> bool:
+        """At the start step, fill both banks once (forward only, no parameter update). True when it did."""
+        if self.filled or step < self.start_step:
+            return False
+        was_training = model.training
+        model.eval()  # fixed representations to start from: no dropout
+        index, R, R_adv = gather_rows(*self.fill_rows(model, data, collate, batch_size))  # every process: all rows
+        self.bank_orig.fill(index, R)
+        self.bank_adv.fill(index, R_adv)
+        model.train(was_training)
+        self.filled = True
+        return True
+
+    def fill_rows(self, model, data, collate, batch_size) -> list[torch.Tensor]:
+        """(index, R, R^adv) of this process's share of the training set; R^adv as training makes it: FreeLB's
+        init and its n − 1 ascent steps."""
+        from tqdm.auto import tqdm
+
+        from carlrar.attack import pgd_attack
+        from carlrar.data import eval_batches
+
+        c, device = self.adv, model.device
+        batches = eval_batches(data.lengths, batch_size)[rank()::world_size()]  # each process fills a share
+        rows = []
+        for idx in tqdm(batches, desc="CARL bank fill", disable=not sys.stderr.isatty(), leave=False):
+            b = {k: v.to(device) for k, v in collate([data[i] for i in idx]).items()}
+            ids, mask = b["input_ids"], b["attention_mask"]
+            with torch.no_grad():
+                R = model(ids, mask).R
+            delta = pgd_attack(model, ids, mask, b["labels"], c.adv_max_norm, c.adv_steps - 1, c.adv_lr, c.adv_norm,
+                               c.adv_init_mag)
+            with torch.no_grad():
+                R_adv = model(ids, mask, delta=delta).R
+                rows.append((b["index"], self.represent(model, R), self.represent(model, R_adv)))
+        if rows:
+            return [torch.cat(p) for p in zip(*rows)]
+        dim = self.bank_orig.rows.shape[1]
+        return [torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dim, device=device),
+                torch.empty(0, dim, device=device)]
+
+    def begin(self, batch, step):
+        if step != self.step:
+            self.generator.manual_seed(self.seed * 1_000_003 + step)
+            self.step = step
+
+    def pass_loss(self, model, batch, out, t, n, replay) -> TermLoss:
+        """w·L_D on the last pass (Eq. 6), R from a clean forward with this pass's dropout masks."""
+        if not self.filled or t < n - 1:
+            return NOTHING
+        with replay.same_masks():
+            R = self.represent(model, model(batch["input_ids"], batch["attention_mask"]).R)  # original input
+        R_adv = self.represent(model, out.R)
+        index = batch["index"]
+        # drawn for the global batch in its order and sliced: as one process would draw them
+        (labels,), (order, mine) = gather_rows(batch["labels"]), global_batch_order(len(index))
+        negatives = self.sampler.sample(labels.cpu()[order], self.generator)[mine].to(R.device)
+        loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,
+                               index=index if self.config.carl_positive == "bank" else None)
+        logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item())
+        rows = (index, R.detach(), R_adv.detach())  # written after the backward, which still reads the old rows
+        return TermLoss(self.config.carl_weight * loss, logs, lambda: self.update_banks(*rows))
+
+    def update_banks(self, index, R, R_adv):
+        """Eq. 5 with every process's rows, so all banks stay identical."""
+        index, R, R_adv = gather_rows(index, R, R_adv)
+        finite = R.isfinite().all(1) & R_adv.isfinite().all(1)  # a NaN row would poison every later step
+        self.bank_orig.update(index[finite], R[finite])
+        self.bank_adv.update(index[finite], R_adv[finite])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The banks, NCE's Z and whether the banks are filled."""
+        return {"bank_orig": self.bank_orig.rows, "bank_adv": self.bank_adv.rows, "Z": self.loss.Z,
+                "filled": torch.tensor(int(self.filled))}
+
+    def load_state_tensors(self, state):
+        self.bank_orig.rows.copy_(state["bank_orig"])
+        self.bank_adv.rows.copy_(state["bank_adv"])
+        self.loss.Z.copy_(state["Z"])
+        self.filled = bool(state["filled"].item())

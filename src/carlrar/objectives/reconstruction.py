@@ -1,10 +1,23 @@
-"""RAR's reconstructor and its loss (Eq. 7): rebuild the original tokens from adversarial token states."""
+"""RAR's objective (Eq. 7): rebuild the original tokens from adversarial token states through a head tied to the
+word embeddings, on every FreeLB pass: L_C + w_r·L_R.
+
+References: Qiu, Zhang, Zhou, "Improving Gradient-based Adversarial Training for Text Classification by Contrastive
+Learning and Auto-Encoder" (ACL Findings 2021, https://arxiv.org/abs/2109.06536), Eq. 7, Tables 6–7; the head is the
+shape of BERT's / ALBERT's MLM head (Devlin et al. 2019, https://arxiv.org/abs/1810.04805); FreeLB's passes: Zhu et
+al. 2020 (https://arxiv.org/abs/1909.11764).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from carlrar.config import check, config_field as _f
+from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss
 
 
 class Reconstructor(nn.Module):
@@ -40,6 +53,12 @@ class Reconstructor(nn.Module):
         return {"hidden_size": self.dense.in_features, "embedding_size": self.dense.out_features,
                 "vocab_size": self.bias.numel(), "activation": self.activation}
 
+    @classmethod
+    def from_spec(cls, spec: dict, model) -> Reconstructor:
+        """Rebuilt for a saved model (``models.load_trained``), tied to that model's word embeddings."""
+        return cls(spec["hidden_size"], model.word_embeddings, getattr(model.config, "layer_norm_eps", 1e-12),
+                   spec.get("activation", "gelu"))
+
     @property
     def decoder_weight(self) -> torch.Tensor:
         return self._tied[0].weight
@@ -50,9 +69,25 @@ class Reconstructor(nn.Module):
         return F.linear(h, self.decoder_weight, self.bias)
 
 
+def attach_reconstructor(model) -> Reconstructor:
+    """RAR's reconstructor in ``model.heads`` (created once, tied to the word embeddings, with the encoder's
+    activation and LayerNorm epsilon); returns it."""
+    if "reconstructor" not in model.heads:
+        config = model.config
+        act = config.hidden_act if isinstance(config.hidden_act, str) else "gelu"
+        model.heads["reconstructor"] = Reconstructor(config.hidden_size, model.word_embeddings,
+                                                     getattr(config, "layer_norm_eps", 1e-12), act).to(model.device)
+    return model.heads["reconstructor"]
+
+
 def reconstruction_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L_R: cross-entropy against the original ids, averaged over real (non-pad) positions. Special tokens
-    ([CLS], [SEP]) are real positions and count, like any other token."""
+    """L_R (Eq. 7): cross-entropy against the original ids, averaged over real (non-pad) positions. Special tokens
+    ([CLS], [SEP]) are real positions and count, like any other token.
+
+    Example::
+
+        reconstruction_loss(torch.zeros(1, 3, 10), torch.tensor([[2, 5, 3]]), torch.tensor([[1, 1, 0]]))  # log 10
+    """
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
@@ -73,3 +108,63 @@ def load_mlm_head(head: Reconstructor, checkpoint: dict[str, torch.Tensor]) -> b
             head.load_state_dict(state)
             return True
     return False
+
+
+def pretrained_tensors(name: str) -> dict[str, torch.Tensor]:
+    """The encoder checkpoint's tensors (to find an MLM head), or {} when there is no local safetensors file."""
+    from safetensors.torch import load_file
+
+    from carlrar.models import resolve
+
+    folder = Path(resolve(name))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+@dataclass
+class ReconstructionConfig:
+    """RAR (Eq. 7)."""
+
+    rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
+    rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)",
+                         choices=["all", "last"])
+
+    def __post_init__(self):
+        check(self, minimum={"rar_weight": 0})
+
+
+class ReconstructionTerm(ObjectiveTerm):
+    """RAR's w_r·L_R as a term of FreeLB's passes (Eq. 7): each adversarial pass's token states go through the
+    reconstructor, scored against the original ids. With ``rar_passes="all"`` (the paper) every pass adds
+    w_r·L_R / n, with ``"last"`` only the last adds w_r·L_R: the same total weight either way.
+
+    Args: ``config`` (ReconstructionConfig), ``adv`` (the FreeLB config), ``model`` (a Classifier: the head is added
+    to ``model.heads``, initialised from the encoder's MLM head when ``model_name``'s checkpoint has one).
+
+    Relations: BERT's masked-LM loss with nothing masked and δ as the corruption (a denoising auto-encoder);
+    ``carlrar generate`` decodes the same head's argmax into text (Table 6).
+
+    Example::
+
+        term = ReconstructionTerm(ReconstructionConfig(), AdversarialConfig(), model)
+        freelb_step(model, batch, lambda loss: loss.backward(), AdversarialConfig(), terms=(term,))
+    """
+
+    def __init__(self, config: ReconstructionConfig, adv, model, model_name: str | None = None):
+        self.config, self.adv = config, adv
+        self.head = attach_reconstructor(model)
+        self.head_from_mlm = bool(model_name) and load_mlm_head(self.head, pretrained_tensors(model_name))
+
+    @classmethod
+    def from_run(cls, configs, model, train_labels, total_steps, train_config):
+        from carlrar.methods.adversarial import AdversarialConfig
+
+        return cls(configs[ReconstructionConfig], configs[AdversarialConfig], model, getattr(train_config, "model", None))
+
+    def pass_loss(self, model, batch, out, t, n, replay) -> TermLoss:
+        if self.config.rar_passes == "last" and t < n - 1:
+            return NOTHING
+        logits = model.heads["reconstructor"](out.token_states)
+        loss = reconstruction_loss(logits, batch["input_ids"], batch["attention_mask"])
+        k = n if self.config.rar_passes == "all" else 1  # same total weight either way
+        return TermLoss(self.config.rar_weight * loss / k, {"loss_R": loss.item() / k})

@@ -1,4 +1,4 @@
-"""Datasets → labelled examples with a stable index, tokenised once, batched by length.
+"""Reading: files, named datasets and the hub → labelled splits of texts with a stable index.
 
 Where data comes from, in order: ``--train-file/--dev-file/--test-file`` (generic CSV/TSV/JSONL), then a named
 dataset from ``--data-dir`` or ``$CARLRAR_DATA_DIR`` (the layouts of ``shared/data``), then the Hugging Face hub.
@@ -14,8 +14,6 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from carlrar.errors import UserError
 
@@ -329,88 +327,27 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
     return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], f"{split.source} (seeded {n})")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenise once, pad per batch, group by length.
+def read_labelled_file(path: str, text_column: str, label_column: str, model_labels: list[str]) -> Split:
+    """A labelled file for a trained model: labels given as the model's label names, or else as its label ids."""
+    texts, raw = read_examples(Path(path), [text_column], label_column)
+    to_id = {n: i for i, n in enumerate(model_labels)}
+    if not set(raw) <= set(to_id) and all(r.isdigit() and int(r) < len(model_labels) for r in raw):
+        to_id = {str(i): i for i in range(len(model_labels))}  # labels given as ids
+    return Split(texts, encode_labels(raw, to_id, path), path)
 
 
-class EncodedSplit(torch.utils.data.Dataset):
-    """Token ids of a split, tokenised once; items carry label and dataset index."""
-
-    def __init__(self, split: Split, tokenizer, max_length: int):
-        enc = tokenizer(split.texts, truncation=True, max_length=max_length)
-        self.texts = split.texts
-        self.input_ids = enc["input_ids"]
-        self.labels = split.labels
-        self.lengths = [len(ids) for ids in self.input_ids]
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
-
-
-class Collator:
-    """Pad a list of items to the longest in the batch (dynamic padding)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items):
-        width = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, it in enumerate(items):
-            ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
-            mask[row, : len(it["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.tensor([it["label"] for it in items]),
-                "index": torch.tensor([it["index"] for it in items])}
-
-
-class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of similar length: shuffle, sort within chunks of ``chunk_batches`` batches, shuffle batch order.
-
-    With ``group_by_length=False`` it is plain shuffled batching. Deterministic given (seed, epoch). With several
-    processes every one draws the same global batches and keeps its slice ``batch[rank::num_replicas]``, so the
-    global batch does not depend on the number of processes. ``start`` skips batches already done (resume).
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_by_length: bool = True,
-                 shuffle: bool = True, chunk_batches: int = 100, rank: int = 0, num_replicas: int = 1):
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.group_by_length, self.shuffle, self.chunk_batches = group_by_length, shuffle, chunk_batches
-        self.rank, self.num_replicas = rank, num_replicas
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        full, tail = divmod(len(self.lengths), self.batch_size)
-        return full + (1 if tail >= self.num_replicas or (tail and not full) else 0)
-
-    def global_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 100003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            rng.shuffle(order)
-        if self.group_by_length:
-            chunk = self.batch_size * self.chunk_batches
-            order = [i for s in range(0, len(order), chunk)
-                     for i in sorted(order[s:s + chunk], key=lambda i: -self.lengths[i])]
-        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.num_replicas:  # a process would get no rows
-            batches[-2:] = [batches[-2] + batches[-1]]
-        if self.shuffle and self.group_by_length:
-            rng.shuffle(batches)
-        return batches
-
-    def __iter__(self):
-        return iter([b[self.rank::self.num_replicas] for b in self.global_batches()[self.start:]])
-
-
-def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batches sorted by length (no training signal, just less padding); order is restored by index."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+def read_texts(path: str | None, text_column: str = "text") -> list[str]:
+    """Texts to label: a column of a CSV/TSV/JSONL file, else one text per non-empty line of a file (or stdin)."""
+    if path and Path(path).suffix in (".csv", ".tsv", ".jsonl"):
+        texts, _ = read_examples(Path(path), [text_column], None, need_labels=False)
+    else:
+        try:
+            raw = Path(path).read_text(encoding="utf-8") if path else sys.stdin.read()
+        except FileNotFoundError:
+            raise UserError(f"{path}: file not found") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path or 'stdin'}: not valid UTF-8") from None
+        texts = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"{path or 'stdin'}: no text to predict")
+    return texts

@@ -1,0 +1,166 @@
+"""A run's output directory: who owns it, the atomic resumable checkpoint, exact resume, the best model.
+
+Layout (``OUT``):
+  config.json, model.safetensors, tokenizer files   the best-dev model in Hugging Face format (pipeline() loads it)
+  carlrar_config.yaml                               the full resolved configuration
+  metrics.jsonl                                     one line per dev evaluation (+ mean training scalars since the last)
+  final_metrics.json                                best dev metrics, test metrics when a test split exists, speed
+  checkpoint/                                       latest resumable state (model, optimiser, schedule, RNG, position)
+
+A checkpoint is written to ``checkpoint.tmp`` and swapped into place; ``trainer_state.json`` is written last and
+marks a complete copy, so a kill at any moment leaves the previous complete checkpoint (``recover_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from carlrar.config import write_yaml
+from carlrar.distributed import broadcast_object
+from carlrar.errors import UserError
+
+CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
+# options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
+RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps", "skip_nonfinite",
+                  "trust_remote_code"}
+
+
+def recover_checkpoint(out: Path):
+    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last)."""
+    final, tmp, old = out / CHECKPOINT, out / (CHECKPOINT + ".tmp"), out / (CHECKPOINT + ".old")
+    if not (final / STATE).exists():
+        shutil.rmtree(final, ignore_errors=True)
+        for candidate in (tmp, old):
+            if (candidate / STATE).exists():
+                candidate.rename(final)
+                break
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def yaml_load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def prepare_output_dir(out: Path, config: dict) -> bool:
+    """Create ``out``; return True when it holds an interrupted run of the same config to resume."""
+    if (out / "carlrar_config.yaml").exists():
+        recover_checkpoint(out)
+        if not (out / CHECKPOINT / STATE).exists() and not (out / "final_metrics.json").exists():
+            shutil.rmtree(out)  # killed before its first checkpoint: nothing to resume
+    if (out / "final_metrics.json").exists() and not config["overwrite"]:
+        raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
+    if (out / CHECKPOINT / STATE).exists() and not config["overwrite"]:
+        saved = yaml_load(out / "carlrar_config.yaml")
+        changed = sorted(k for k in config if k not in RESUME_IGNORES and k in saved and saved[k] != config[k])
+        if changed:
+            raise UserError(f"{out} holds an interrupted run with different settings ({', '.join(changed)}); "
+                            "pass --overwrite or choose another --output_dir")
+        return True
+    if out.exists() and config["overwrite"] and (out / "carlrar_config.yaml").exists():
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a carlrar run; choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror}") from None
+    return False
+
+
+def claim_output_dir(out: Path, config: dict, main: bool) -> bool:
+    """The main process prepares ``out`` and writes the config; every process learns whether the run resumes (or
+    the one-line reason it cannot start)."""
+    outcome = None
+    if main:
+        try:
+            outcome = ("resume", prepare_output_dir(out, config))
+            write_yaml(out / "carlrar_config.yaml", config)
+        except UserError as e:
+            outcome = ("error", str(e))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Swap a fully written directory into place, so a crash never leaves a half-written one behind."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, out: Path, model, method, state: dict):
+    """Resumable state (optimiser, schedule, RNG of every process, model, method tensors, position), written to a
+    temporary directory and swapped into place."""
+    main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    tmp = out / (CHECKPOINT + ".tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a failed write
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's files are in before STATE marks the copy complete
+        if main:
+            save_model(model, str(tmp / MODEL))
+            method_state = method.state_tensors()
+            if method_state:
+                save_file({k: v.contiguous() for k, v in method_state.items()}, str(tmp / METHOD_STATE))
+            (tmp / (STATE + ".part")).write_text(json.dumps(state))
+            os.replace(tmp / (STATE + ".part"), tmp / STATE)  # STATE marks a complete copy: never half of it
+            replace_dir(tmp, out / CHECKPOINT)
+    except OSError as e:  # e.g. disk full: drop the partial copy, keep the last complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write a checkpoint to {out}: {e.strerror or e}; the last complete checkpoint "
+                        "is kept, so the same command resumes once there is room") from None
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator, out: Path, model, method, state: dict) -> dict:
+    """Load the checkpoint in ``out`` into the model, optimiser, schedule, RNG and method; the loop's state.
+    Evaluations logged after the checkpoint was taken are dropped from metrics.jsonl: they are redone."""
+    try:
+        saved = json.loads((out / CHECKPOINT / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out / CHECKPOINT / STATE}: unreadable ({e}); pass --overwrite to start afresh") from None
+    if saved.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+        raise UserError(f"{out} was trained on {saved['num_processes']} process(es); resume it on as many (the "
+                        "data position depends on the global batch), or pass --overwrite")
+    try:  # safetensors, JSON, and accelerate's torch.load(weights_only=True): no code runs from a checkpoint
+        accelerator.load_state(str(out / CHECKPOINT))  # optimiser, schedule, RNG of every process
+        load_model(model, str(out / CHECKPOINT / MODEL))
+        state = {**state, **saved}
+        if method.state_tensors():
+            method.load_state_tensors(load_file(str(out / CHECKPOINT / METHOD_STATE)))
+    except Exception as e:  # noqa: BLE001 (any unreadable piece means the same thing to the user)
+        raise UserError(f"{out / CHECKPOINT}: cannot resume from this checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --overwrite to start afresh") from None
+    if accelerator.is_main_process:
+        metrics = out / "metrics.jsonl"
+        records = metrics.read_text().splitlines() if metrics.exists() else []
+        metrics.write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= state["step"]))
+    accelerator.wait_for_everyone()
+    return state
+
+
+def save_best(model, tokenizer, out: Path):
+    """The best-dev model in Hugging Face format at the top of ``out``, written beside and moved in file by file."""
+    tmp = out / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, tokenizer)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()

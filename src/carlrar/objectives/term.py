@@ -1,0 +1,62 @@
+"""What an objective term is to a FreeLB step: the hooks, each with a no-op default.
+
+A method is FreeLB plus a tuple of terms (``carlrar.methods``): CARL = (ContrastiveTerm,), RAR =
+(ReconstructionTerm,), CARL + RAR = both. On each of FreeLB's n passes the step adds every term's ``pass_loss`` to
+L_C / n before the backward; after the last backward it runs the updates the terms returned (CARL's bank update,
+Eq. 5). The training loop calls ``before_step`` before each optimiser step (CARL's bank fill) and saves
+``state_tensors`` in every checkpoint. A new variant is a new term, or a new option of one: nothing else changes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+
+class TermLoss(NamedTuple):
+    """One term's contribution to one pass: the value added to the pass loss (already weighted), scalars to log,
+    and an update to run once the step's last backward is done (it may still need tensors the backward reads)."""
+
+    value: torch.Tensor | float = 0.0
+    logs: dict[str, float] = {}
+    after_backward: Callable[[], None] | None = None
+
+
+NOTHING = TermLoss()
+
+
+class ObjectiveTerm:
+    """Base class of the objective terms; every hook defaults to doing nothing."""
+
+    select_after_step: int = 0  # best-dev checkpoints only after this step (before it, the model is plain FreeLB)
+
+    @classmethod
+    def from_run(cls, configs: dict[type, object], model, train_labels, total_steps: int, train_config):
+        """The term for one training run: ``configs`` maps each config dataclass of the method to its instance."""
+        raise NotImplementedError
+
+    @property
+    def extra_passes(self) -> int:
+        """Forward+backward passes per example beyond FreeLB's n (for the throughput line)."""
+        return 0
+
+    def before_step(self, step: int, model, data, collate, batch_size: int) -> bool:
+        """Work before optimiser step ``step`` (e.g. CARL's bank fill); True when it changed the term's state, so
+        that the loop writes a checkpoint."""
+        return False
+
+    def begin(self, batch: dict, step: int):
+        """Called once per micro-batch before its passes."""
+
+    def pass_loss(self, model, batch: dict, out, t: int, n: int, replay) -> TermLoss:
+        """The term on pass ``t`` of ``n``; ``out`` is that pass's ClassifierOutput on E + δ; ``replay`` gives a
+        forward of this pass the step's dropout masks (``with replay.same_masks(): ...``)."""
+        return NOTHING
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold beyond the model and optimiser."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]):
+        """The inverse of ``state_tensors`` on resume."""
