@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -28,7 +30,7 @@ from carlrar.errors import UserError
 CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
 # options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
 RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_steps", "skip_nonfinite",
-                  "trust_remote_code"}
+                  "trust_remote_code", "diagnostics_steps"}
 
 
 def recover_checkpoint(out: Path):
@@ -131,7 +133,8 @@ def save_checkpoint(accelerator, out: Path, model, method, state: dict):
 
 def resume(accelerator, out: Path, model, method, state: dict) -> dict:
     """Load the checkpoint in ``out`` into the model, optimiser, schedule, RNG and method; the loop's state.
-    Evaluations logged after the checkpoint was taken are dropped from metrics.jsonl: they are redone."""
+    Records logged after the checkpoint was taken are dropped from metrics.jsonl and diagnostics.jsonl: they are
+    redone."""
     try:
         saved = json.loads((out / CHECKPOINT / STATE).read_text())
     except (OSError, ValueError) as e:
@@ -148,10 +151,10 @@ def resume(accelerator, out: Path, model, method, state: dict) -> dict:
     except Exception as e:  # noqa: BLE001 (any unreadable piece means the same thing to the user)
         raise UserError(f"{out / CHECKPOINT}: cannot resume from this checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --overwrite to start afresh") from None
-    if accelerator.is_main_process:
-        metrics = out / "metrics.jsonl"
-        records = metrics.read_text().splitlines() if metrics.exists() else []
-        metrics.write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= state["step"]))
+    if accelerator.is_main_process:  # metrics: evaluations after step S; diagnostics: steps S, S + 1, ...
+        for name, keep in (("metrics.jsonl", state["step"]), ("diagnostics.jsonl", state["step"] - 1)):
+            records = (out / name).read_text().splitlines() if (out / name).exists() else []
+            (out / name).write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= keep))
     accelerator.wait_for_everyone()
     return state
 
@@ -164,3 +167,68 @@ def save_best(model, tokenizer, out: Path):
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
+
+
+# settings a branch must share with the run it starts from, so that it continues the same data order and schedule
+SAME_DATA = ("dataset", "data_dir", "train_file", "dev_file", "text_column", "label_column", "train_subset",
+             "validation_size", "max_length", "group_by_length", "batch_size", "grad_accum", "seed", "model")
+
+
+def init_from_run(accelerator, source: Path, config: dict, model, optimizer, state: dict,
+                  weights_only: bool = False) -> dict:
+    """Start from another run's latest checkpoint (``--init_from``): its weights (heads this method adds start
+    fresh) and, unless ``weights_only``, its optimiser, schedule, RNG and data position, so that the new run is
+    that run continued with another method (a branch). Best-model tracking, timers and counters start afresh: a
+    branch is selected among its own evaluations only."""
+    ckpt = source / CHECKPOINT
+    if not (ckpt / STATE).is_file():
+        raise UserError(f"--init_from {source}: no checkpoint/ with {STATE} (finished reproduce runs drop theirs "
+                        "unless --keep-checkpoints)")
+    try:
+        trunk = json.loads((ckpt / STATE).read_text())
+        missing, unexpected = load_model(model, str(ckpt / MODEL), strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--init_from {source}: cannot read its checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    new_heads = sorted({k.split(".")[1] for k in missing if k.startswith("heads.")})
+    if [k for k in missing if not k.startswith("heads.")] or (unexpected and not weights_only):
+        raise UserError(f"--init_from {source}: its model does not match this one (missing "
+                        f"{', '.join(missing[:3]) or '-'}; unexpected {', '.join(unexpected[:3]) or '-'})")
+    if weights_only:
+        return state
+    theirs = yaml_load(source / "carlrar_config.yaml")
+    differ = [k for k in SAME_DATA if theirs.get(k) != config.get(k)]
+    if differ:
+        raise UserError(f"--init_from {source}: continuing its data order needs the same {', '.join(differ)} "
+                        "(or pass --init_weights_only)")
+    if trunk.get("num_processes", 1) != accelerator.num_processes:
+        raise UserError(f"--init_from {source}: trained on {trunk['num_processes']} process(es); continue it on as "
+                        "many, or pass --init_weights_only")
+    with tempfile.TemporaryDirectory() as tmp:  # accelerate reads the rest (schedule, RNG) as it is
+        for f in ckpt.iterdir():
+            if f.name not in ("optimizer.bin", MODEL, METHOD_STATE):
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+        torch.save(aligned_optimizer_state(torch.load(ckpt / "optimizer.bin", weights_only=True), optimizer, model,
+                                           missing), Path(tmp) / "optimizer.bin")
+        accelerator.load_state(tmp)  # the model is not accelerate's (it was never prepared): weights loaded above
+    state = {**state, **{k: trunk[k] for k in ("step", "epoch", "batches_done")}}
+    state["init_from"] = {"run": str(source), "step": trunk["step"], "new_heads": new_heads}
+    return state
+
+
+def aligned_optimizer_state(saved: dict, optimizer, model, missing: list[str]) -> dict:
+    """The saved optimiser state renumbered for this optimiser, whose groups hold the saved run's parameters
+    followed by the heads this method added (``missing``: they get fresh state)."""
+    ids = {id(p): n for n, p in model.named_parameters()}
+    state, param_groups, new_index = {}, [], 0
+    for group, old in zip(optimizer.param_groups, saved["param_groups"]):
+        names = [ids[id(p)] for p in group["params"]]
+        old_names = [n for n in names if n not in missing]
+        if len(old_names) != len(old["params"]) or names[:len(old_names)] != old_names:
+            raise UserError("--init_from: the saved optimiser's parameters do not line up with this model's")
+        for k in range(len(old_names)):
+            if old["params"][k] in saved["state"]:
+                state[new_index + k] = saved["state"][old["params"][k]]
+        param_groups.append({**old, "params": list(range(new_index, new_index + len(names)))})
+        new_index += len(names)
+    return {"state": state, "param_groups": param_groups}

@@ -175,7 +175,7 @@ def cmd_predict(argv: list[str]):
 
 
 def cmd_compare(argv: list[str]):
-    from carlrar.report import compare_runs, print_comparison
+    from carlrar.compare import compare_runs, print_comparison
 
     p = ArgumentParser(prog="carlrar compare", description="side-by-side table of trained runs: clean dev accuracy "
                        "and accuracy under attack from each run's final_metrics.json and attack_*.json")

@@ -42,22 +42,33 @@ class TrainConfig:
     text_column: str = _f("text", "text column / key of generic files")
     label_column: str = _f("label", "label column / key of generic files (names or ids)")
     train_subset: int | None = _f(None, "train on a seeded random subset of this many examples")
+    validation_size: int = _f(0, "set aside this many training examples (seed 0, before --train_subset) as a "
+                              "validation split: the best checkpoint is chosen on it, dev is only reported "
+                              "(0: choose on dev)")
     max_length: int = _f(128, "truncate inputs to this many tokens")
     group_by_length: bool = _f(True, "length-grouped batches (sort within chunks of 100 batches); --no_group_by_length off")
     # optimisation (paper: Adam, lr 1e-5, batch 32; 16 for AG News)
     lr: float = _f(1e-5, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and LayerNorm)")
-    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up, then linear decay to 0")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warm-up, then --lr_schedule")
+    lr_schedule: str = _f("linear", "after warm-up: linear (decay to 0 at the last step) or constant",
+                          choices=["linear", "constant"])
     batch_size: int = _f(32, "examples per optimiser step per process, before accumulation")
     grad_accum: int = _f(1, "gradient accumulation steps (effective batch = batch_size × grad_accum × processes)")
     epochs: float = _f(3.0, "training epochs (ignored when --max_steps > 0)")
     max_steps: int = _f(0, "stop after this many optimiser steps (0: use --epochs)")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    init_from: str | None = _f(None, "start from another run's latest checkpoint (its output directory): its "
+                               "weights and, unless --init_weights_only, its optimiser, schedule, RNG and data "
+                               "position, so this run continues it with this method (a branch)")
+    init_weights_only: bool = _f(False, "--init_from: take only the weights; start at step 0")
     seed: int = _f(42, "seed for init, data order and perturbations")
     # evaluation, logging, checkpoints
     eval_steps: int = _f(500, "evaluate on dev every N steps (0: only at epoch ends); the best model is kept")
     eval_batch_size: int = _f(128, "batch size for evaluation")
     log_steps: int = _f(50, "log loss / examples/s / fraction of peak every N steps")
+    diagnostics_steps: int = _f(25, "every N steps: each objective term's gradient norm per module group and the "
+                                "cosines between terms, into diagnostics.jsonl (0: off)")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
     overwrite: bool = _f(False, "start afresh even if output_dir holds a finished or interrupted run")
     skip_nonfinite: bool = _f(False, "skip optimiser steps whose loss or gradient is NaN/inf (counted in the "
@@ -69,7 +80,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self, minimum={"batch_size": 1, "grad_accum": 1, "max_length": 2, "eval_batch_size": 1,
-                             "log_steps": 1, "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0})
+                             "log_steps": 1, "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0,
+                             "validation_size": 0, "diagnostics_steps": 0})
         if self.lr <= 0:
             raise UserError(f"lr = {self.lr}: must be > 0")
 

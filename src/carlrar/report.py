@@ -1,21 +1,26 @@
 """``carlrar report RESULTS``: the paper's tables (mean ± std over seeds) and plots from a ``reproduce`` folder.
 
 Writes RESULTS/report.md and RESULTS/*.png:
-- Table 2: clean dev accuracy per method × dataset, Δ vs FreeLB.
-- Table 4: mean cos / Euclid between R and R^adv after unprojected k-PGD with step size α.
-- Table 5: accuracy under k-PGD per ε.
-- Table 7: parameter counts (our encoder, and ALBERT-base built from its config).
-- Paired bootstrap 95 % CI of CARL − FreeLB and RAR − FreeLB: dev examples resampled with replacement (the same
-  for both methods), and each method's seeds resampled too.
-- accuracy_vs_eps.png, training_curves.png, cos_histogram.png.
+- Table 2: clean dev accuracy per method × dataset, Δ vs FreeLB (and the validation accuracy that selected the
+  checkpoint, when runs carve a validation split from the training data).
+- Table 4 (the paper's definition): mean cos(R, R^adv) and ‖R − R^adv‖ after k-PGD projected to radius α, for
+  α ∈ {0.1, 0.075}: the attack at ε = α (every attacked ε when the attacks contain neither).
+- Table 4b (extra, not the paper's definition): the same after k unprojected steps of size α.
+- Table 5: accuracy under k-PGD per ε. Table 7: parameter counts (ours, and ALBERT-base built from its config).
+- Paired bootstrap 95 % CIs of every method − FreeLB, for accuracy and per-example cos(R, R^adv): dev examples
+  resampled with replacement (the same for both methods), and each method's seeds.
+- Diagnostics: ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in the first 50 steps after
+  the auxiliary term starts. Figures: ``report_plots``.
 
-``carlrar compare RUN...`` (``compare_runs``) is the small version for plain ``carlrar train`` output directories.
+``carlrar compare RUN...`` (``carlrar.compare``) is the small version for plain ``carlrar train`` output directories.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,8 @@ ORDER = ["base", "fgm", "pgd", "freelb", "carl", "rar", "carl-rar"]
 NAMES = {"base": "Fine-tune", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl-rar": "CARL+RAR",
          "pgd": "PGD", "fgm": "FGM"}
 NORMS = {"l2": "L2", "linf": "L∞"}
+PAPER_ALPHAS = (0.1, 0.075)  # Table 4's "max perturbation norms α": radii of projected k-PGD
+DIAGNOSTIC_WINDOW = 50  # steps after the auxiliary term starts that the Diagnostics section summarises
 
 
 def load_runs(results: Path) -> tuple[dict, list[dict]]:
@@ -39,13 +46,22 @@ def load_runs(results: Path) -> tuple[dict, list[dict]]:
     return index, runs
 
 
+def method_key(method: str) -> tuple[int, str]:
+    """The paper's methods in ORDER, then any other (a protocol's variant, e.g. ``carl-ratio``) alphabetically."""
+    return (ORDER.index(method), "") if method in ORDER else (len(ORDER), method)
+
+
 def grouped(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """(dataset, method) → runs sorted by seed, methods in the paper's order."""
     out: dict[tuple[str, str], list[dict]] = {}
-    for r in sorted(runs, key=lambda r: (r["dataset"], ORDER.index(r["method"]) if r["method"] in ORDER else 99,
-                                         r["seed"])):
+    for r in sorted(runs, key=lambda r: (r["dataset"], method_key(r["method"]), r["seed"])):
         out.setdefault((r["dataset"], r["method"]), []).append(r)
     return out
+
+
+def find(records: list[dict], key: str, value: float) -> dict:
+    """The record whose ``key`` is ``value``, e.g. the attack at one ε."""
+    return next(x for x in records if x[key] == value)
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -54,8 +70,44 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+@dataclasses.dataclass
+class Grid:
+    """The finished runs by (dataset, method), and the number of seeds in the grid: what every table is drawn from."""
+
+    groups: dict[tuple[str, str], list[dict]]
+    n_seeds: int
+
+    @property
+    def datasets(self) -> list[str]:
+        return sorted({d for d, _ in self.groups})
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({m for _, m in self.groups}, key=method_key)
+
+    def runs(self, d: str, m: str) -> list[dict]:
+        return self.groups.get((d, m), [])
+
+    def attack(self, d: str) -> dict:
+        """How dataset d's runs were attacked (the grid attacks them alike)."""
+        return next(rs for (dd, _), rs in self.groups.items() if dd == d)[0]["attack"]
+
+    def cell(self, d: str, m: str, get: Callable[[dict], float | None], scale: float = 100.0, digits: int = 2) -> str:
+        """Mean ± std over (d, m)'s seeds of ``get(run)`` (runs where it is None left out); the number of seeds in
+        brackets where fewer than the grid's."""
+        values = [v for v in map(get, self.runs(d, m)) if v is not None]
+        if not values:
+            return "–"
+        return mean_std(values, scale, digits) + (f" [{len(values)}]" if len(values) < self.n_seeds else "")
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % CI of acc(a) − acc(b); a, b: seeds × examples 0/1 correctness on the same examples.
+    """Mean and 95 % CI of mean(a) − mean(b); a, b: seeds × examples per-example values on the same examples (0/1
+    correctness for accuracy, or cos(R, R^adv)).
 
     Each draw resamples the examples (the same ones for both: paired) and, independently per method, its seeds,
     so the interval covers both test-set and seed-to-seed variation."""
@@ -71,10 +123,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
 
 
 def correctness(runs: list[dict], eps: float | None) -> np.ndarray:
+    """Seeds × examples 0/1: clean (eps None) or under the attack at ε."""
     if eps is None:
         return np.array([r["per_example"]["clean_correct"] for r in runs], dtype=float)
-    return np.array([next(a["correct"] for a in r["per_example"]["attacks"] if a["eps"] == eps) for r in runs],
-                    dtype=float)
+    return np.array([find(r["per_example"]["attacks"], "eps", eps)["correct"] for r in runs], dtype=float)
+
+
+def example_cos(runs: list[dict], eps: float) -> np.ndarray:
+    """Seeds × examples cos(R, R^adv) after the attack at ε."""
+    return np.array([find(r["per_example"]["attacks"], "eps", eps)["cos"] for r in runs], dtype=float)
 
 
 def attack_setting(attack: dict) -> str:
@@ -85,84 +142,173 @@ def attack_setting(attack: dict) -> str:
     return f"{NORMS.get(attack['norm'], attack['norm'])}, {step}, {init}"
 
 
-def tables(index: dict, runs: list[dict]) -> str:
-    groups = grouped(runs)
-    datasets = sorted({d for d, _ in groups})
-    methods = [m for m in ORDER if any((d, m) in groups for d in datasets)]
-    lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", ""]
-    seeds = {k: [r["seed"] for r in v] for k, v in groups.items()}
-    lines += [f"Runs: {len(runs)} finished of {len(index['runs'])} in the grid; mean ± sample std over seeds "
-              f"(seeds per cell in brackets where fewer than the grid's {len(index['protocol']['seeds'])}).", ""]
+def table4_alphas(attack: dict) -> list[float]:
+    """The radii α of Table 4 among the attacked ε: the paper's 0.1 and 0.075, else every ε."""
+    eps = [a["eps"] for a in attack["attacks"]]
+    return [a for a in PAPER_ALPHAS if a in eps] or eps
 
-    def cell(d, m, get, scale=100.0, digits=2):
-        if (d, m) not in groups:
-            return "–"
-        vals = [get(r) for r in groups[(d, m)]]
-        n = len(vals)
-        return mean_std(vals, scale, digits) + (f" [{n}]" if n < len(index["protocol"]["seeds"]) else "")
 
+# ---------------------------------------------------------------------------------------------------------------
+# Tables: one function each, returning markdown lines.
+
+
+def table2(grid: Grid) -> list[str]:
+    """Clean dev accuracy, the validation (selection) accuracy where runs have one, and Δ vs FreeLB."""
     acc = lambda r: r["final"]["dev"]["accuracy"]  # noqa: E731
-    lines += ["## Table 2: clean dev accuracy (%)", "", "| method | " + " | ".join(datasets) + " | Δ vs FreeLB |",
-              "|---|" + "---|" * (len(datasets) + 1)]
-    for m in methods:
-        deltas = []
-        for d in datasets:
-            if (d, m) in groups and (d, "freelb") in groups and m != "freelb":
-                deltas.append(100 * (statistics.mean(map(acc, groups[(d, m)])) -
-                                     statistics.mean(map(acc, groups[(d, "freelb")]))))
-        delta = ", ".join(f"{x:+.2f}" for x in deltas) if deltas else "–"
-        lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cell(d, m, acc) for d in datasets) + f" | {delta} |")
+    val = lambda r: (r["final"].get("validation") or {}).get("accuracy")  # noqa: E731
+    with_val = [d for d in grid.datasets if any(val(r) is not None for m in grid.methods for r in grid.runs(d, m))]
+    several = len(grid.datasets) > 1
+    header = ["method", *grid.datasets, *(f"{d + ' ' if several else ''}validation acc (selection)" for d in with_val),
+              "Δ vs FreeLB"]
+    rows = []
+    for m in grid.methods:
+        deltas = [100 * (statistics.mean(map(acc, grid.runs(d, m))) - statistics.mean(map(acc, grid.runs(d, "freelb"))))
+                  for d in grid.datasets if m != "freelb" and grid.runs(d, m) and grid.runs(d, "freelb")]
+        rows.append([NAMES.get(m, m), *(grid.cell(d, m, acc) for d in grid.datasets),
+                     *(grid.cell(d, m, val) for d in with_val), ", ".join(f"{x:+.2f}" for x in deltas) or "–"])
+    return ["## Table 2: clean dev accuracy (%)", "", *md_table(header, rows)]
 
-    for d in datasets:
-        attack = next(iter(v for k, v in groups.items() if k[0] == d))[0]["attack"]  # the grid attacks alike
-        eps, alphas = [a["eps"] for a in attack["attacks"]], [a["alpha"] for a in attack["distances"]]
-        steps = attack["steps"]
-        if alphas:
-            lines += ["", f"## Table 4 ({d}): cos(R, R^adv) / ‖R − R^adv‖ after {steps}-PGD with step α, "
-                      "no projection", "", "| method | " + " | ".join(f"α={a:g} cos | α={a:g} Euclid" for a in alphas)
-                      + " |", "|---|" + "---|" * (2 * len(alphas))]
-            for m in methods:
-                cells = []
-                for a in alphas:
-                    dist = lambda r, k: next(x[k] for x in r["attack"]["distances"] if x["alpha"] == a)  # noqa: E731
-                    cells += [cell(d, m, lambda r: dist(r, "mean_cos"), 1.0, 4),
-                              cell(d, m, lambda r: dist(r, "mean_euclid"), 1.0, 3)]
-                lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
-        lines += ["", f"## Table 5 ({d}): accuracy (%) under {steps}-PGD ({attack_setting(attack)})", "",
-                  "| method | clean | " + " | ".join(f"ε={e:g}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
-        for m in methods:
-            under = [cell(d, m, lambda r, e=e: next(a["accuracy"] for a in r["attack"]["attacks"] if a["eps"] == e))
-                     for e in eps]
-            lines.append(f"| {NAMES.get(m, m)} | {cell(d, m, acc)} | " + " | ".join(under) + " |")
-        if (d, "freelb") in groups:
-            lines += ["", f"## Paired bootstrap ({d}): accuracy difference vs FreeLB, percentage points, 95 % CI",
-                      "", "10,000 draws, each resampling the dev examples (paired: the same for both methods) and "
-                      "each method's seeds.", "", "| comparison | clean | " + " | ".join(f"ε={e:g}" for e in eps) + " |",
-                      "|---|---|" + "---|" * len(eps)]
-            for m in ("carl", "rar", "carl-rar", "base"):
-                if (d, m) not in groups:
-                    continue
-                cells = []
-                for e in [None, *eps]:
-                    mean, lo, hi = paired_bootstrap(correctness(groups[(d, m)], e), correctness(groups[(d, "freelb")], e))
-                    cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-                lines.append(f"| {NAMES[m]} − FreeLB | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Table 7: parameters", "", "| method | encoder in these runs | ALBERT-base (2 labels) |",
-              "|---|---|---|"]
+def distance_table(grid: Grid, d: str, title: str, alphas: list[float], records: Callable[[dict], list[dict]],
+                   key: str) -> list[str]:
+    """Mean cos(R, R^adv) and ‖R − R^adv‖ per α: from ``records(run)``, the record whose ``key`` is α."""
+    header = ["method", *(f"α={a:g} {what}" for a in alphas for what in ("cos", "Euclid"))]
+    rows = [[NAMES.get(m, m), *(grid.cell(d, m, lambda r, a=a, k=k: find(records(r), key, a)[k], 1.0, digits)
+                                for a in alphas for k, digits in (("mean_cos", 4), ("mean_euclid", 3)))]
+            for m in grid.methods]
+    return ["", title, "", *md_table(header, rows)]
+
+
+def table4(grid: Grid, d: str) -> list[str]:
+    """The paper's Table 4: the distances after k-PGD projected to radius α (the attack at ε = α)."""
+    attack = grid.attack(d)
+    alphas = table4_alphas(attack)
+    title = (f"## Table 4 ({d}): cos(R, R^adv) / ‖R − R^adv‖ after {attack['steps']}-PGD projected to radius α "
+             f"(the attack at ε = α: {attack_setting(attack)})")
+    lines = distance_table(grid, d, title, alphas, lambda r: r["attack"]["attacks"], "eps")
+    if not set(alphas) & set(PAPER_ALPHAS):
+        lines[2:2] = ["The attacks include neither of the paper's α = 0.1, 0.075: every attacked ε shown.", ""]
+    return lines
+
+
+def table4b(grid: Grid, d: str) -> list[str]:
+    """Our earlier reading of Table 4, kept for comparison: k unprojected steps of size α."""
+    attack = grid.attack(d)
+    alphas = [a["alpha"] for a in attack["distances"]]
+    if not alphas:
+        return []
+    title = (f"## Table 4b ({d}, extra, not the paper's definition): unprojected {attack['steps']} steps of size α, "
+             "cos(R, R^adv) / ‖R − R^adv‖")
+    return distance_table(grid, d, title, alphas, lambda r: r["attack"]["distances"], "alpha")
+
+
+def table5(grid: Grid, d: str) -> list[str]:
+    attack = grid.attack(d)
+    eps = [a["eps"] for a in attack["attacks"]]
+    rows = [[NAMES.get(m, m), grid.cell(d, m, lambda r: r["final"]["dev"]["accuracy"]),
+             *(grid.cell(d, m, lambda r, e=e: find(r["attack"]["attacks"], "eps", e)["accuracy"]) for e in eps)]
+            for m in grid.methods]
+    return ["", f"## Table 5 ({d}): accuracy (%) under {attack['steps']}-PGD ({attack_setting(attack)})", "",
+            *md_table(["method", "clean", *(f"ε={e:g}" for e in eps)], rows)]
+
+
+def bootstrap_rows(grid: Grid, d: str, columns: list, values: Callable[[list[dict], float | None], np.ndarray],
+                   fmt: Callable[[float, float, float], str]) -> list[list[str]]:
+    """One row per method − FreeLB (every method of the grid but FreeLB, in ``Grid.methods`` order): the paired
+    bootstrap of ``values(runs, column)`` (seeds × examples) per column."""
+    freelb = grid.runs(d, "freelb")
+    return [[f"{NAMES.get(m, m)} − FreeLB", *(fmt(*paired_bootstrap(values(grid.runs(d, m), c), values(freelb, c)))
+                                             for c in columns)]
+            for m in grid.methods if m != "freelb" and grid.runs(d, m)]
+
+
+def bootstrap_tables(grid: Grid, d: str) -> list[str]:
+    """Accuracy and per-example cos(R, R^adv) differences vs FreeLB with paired-bootstrap 95 % CIs."""
+    if not grid.runs(d, "freelb"):
+        return []
+    eps = [a["eps"] for a in grid.attack(d)["attacks"]]
+    points = lambda mean, lo, hi: f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
+    cosines = lambda mean, lo, hi: f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
+    heads = [f"ε={e:g}" for e in eps]
+    return ["", f"## Paired bootstrap ({d}): accuracy difference vs FreeLB, percentage points, 95 % CI", "",
+            "10,000 draws, each resampling the dev examples (paired: the same for both methods) and each method's "
+            "seeds.", "", *md_table(["comparison", "clean", *heads],
+                                    bootstrap_rows(grid, d, [None, *eps], correctness, points)),
+            "", f"## Paired bootstrap ({d}): cos(R, R^adv) difference vs FreeLB after k-PGD projected to radius ε, "
+            "95 % CI", "", "Per dev example, resampled as above; positive: the method's representation turns less "
+            "under the attack.", "",
+            *md_table(["comparison", *heads], bootstrap_rows(grid, d, eps, example_cos, cosines))]
+
+
+def aux_start(run: dict) -> int | None:
+    """The step at which the run's auxiliary term starts: a branch's step; else CARL's carl_start_step (≥ 1: that
+    step, < 1: that fraction of the run's steps, as ContrastiveTerm resolves it; under the plateau rule the first
+    diagnostic step with ∇L_D); None when every term runs from the first step."""
+    if run.get("branch"):
+        return int(run["branch"]["step"])
+    config = run["config"]
+    if config.get("carl_start_rule") == "plateau":
+        return next((x["step"] for x in run.get("diagnostics") or [] if "grad_D" in x), None)
+    start = config.get("carl_start_step")
+    if start is None:
+        return None
+    return int(round(start * run["final"]["steps"])) if 0 < start < 1 else int(start)
+
+
+def ratio(a: str, b: str) -> Callable[[dict], float | None]:
+    return lambda x: x[a] / x[b] if x.get(a) is not None and x.get(b) else None
+
+
+# the Diagnostics columns: header, value of one diagnostics record, how the seeds' window means combine, format
+DIAGNOSTICS = [("‖∇L_D‖ / ‖∇L_C‖ (median)", ratio("grad_D", "grad_C"), statistics.median, "{:.2f}"),
+               ("cos(∇L_C, ∇L_D) (median)", lambda x: x.get("cos_C_D"), statistics.median, "{:+.3f}"),
+               ("‖∇L_R‖ / ‖∇L_C‖ (median)", ratio("grad_R", "grad_C"), statistics.median, "{:.2f}"),
+               ("cos(∇L_C, ∇L_R) (median)", lambda x: x.get("cos_C_R"), statistics.median, "{:+.3f}"),
+               ("clip factor (mean)", lambda x: x.get("clip_factor"), statistics.mean, "{:.3f}")]
+
+
+def window_mean(run: dict, get: Callable[[dict], float | None]) -> float | None:
+    """Mean of ``get(record)`` over the run's diagnostics records in the first 50 steps from its auxiliary term's
+    start (step 0 when it has none); None when no record there has the value."""
+    start = aux_start(run) or 0
+    values = [get(x) for x in run.get("diagnostics") or [] if start <= x["step"] < start + DIAGNOSTIC_WINDOW]
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def diagnostics_section(grid: Grid, d: str) -> list[str]:
+    """How large and how aligned the auxiliary term's gradient is next to L_C's just after it starts: a term that
+    dwarfs and opposes ∇L_C (GUIDE §2: ‖∇L_D‖ ≈ 49 × ‖∇L_C‖ at cos ≈ −0.06) takes over the clipped step."""
+    rows = []
+    for m in grid.methods:
+        runs = [r for r in grid.runs(d, m) if r.get("diagnostics")]
+        if not runs:
+            continue
+        cells = []
+        for _, get, over_seeds, fmt in DIAGNOSTICS:
+            means = [v for v in (window_mean(r, get) for r in runs) if v is not None]
+            cells.append(fmt.format(over_seeds(means)) if means else "–")
+        starts = sorted({aux_start(r) or 0 for r in runs})
+        rows.append([NAMES.get(m, m), str(len(runs)), ", ".join(map(str, starts)), *cells])
+    if not rows:
+        return []
+    return ["", f"## Diagnostics ({d}): objective terms' gradients in the first {DIAGNOSTIC_WINDOW} steps after the "
+            "auxiliary term starts", "", f"Per run: the mean over its diagnostic steps in [start, start + "
+            f"{DIAGNOSTIC_WINDOW}) (start: a branch's step, CARL's start step, else 0); then over seeds as marked. "
+            "Clip factor: the fraction of the step's gradient kept by clipping.", "",
+            *md_table(["method", "seeds", "start step", *(h for h, *_ in DIAGNOSTICS)], rows)]
+
+
+def table7(grid: Grid) -> list[str]:
     albert = albert_parameter_counts()
-    for m in methods:
-        ours = {r["final"]["parameters"] for d in datasets for r in groups.get((d, m), [])}
-        lines.append(f"| {NAMES.get(m, m)} | {', '.join(f'{p:,}' for p in sorted(ours))} | "
-                     f"{albert['rar' if m in ('rar', 'carl-rar') else 'base']:,} |")
-    lines += ["", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the attack; on a "
-              "shared machine these include slow-downs from other jobs, see benchmarks/ for clean speed): "
-              + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"
-                          for (d, m), v in groups.items()), ""]
-    failed = {n: r for n, r in index["runs"].items() if r["status"] == "failed"}
-    if failed:
-        lines += ["## Failed runs", ""] + [f"- {n}: {r.get('error')}" for n, r in failed.items()] + [""]
-    return "\n".join(lines)
+    rows = []
+    for m in grid.methods:
+        runs = [r for d in grid.datasets for r in grid.runs(d, m)]
+        ours = sorted({r["final"]["parameters"] for r in runs})
+        head = "rar" if any("rar_weight" in r["config"] for r in runs) else "base"  # RAR's head on top
+        rows.append([NAMES.get(m, m), ", ".join(f"{p:,}" for p in ours), f"{albert[head]:,}"])
+    return ["", "## Table 7: parameters", "",
+            *md_table(["method", "encoder in these runs", "ALBERT-base (2 labels)"], rows)]
 
 
 def albert_parameter_counts() -> dict[str, int]:
@@ -179,86 +325,29 @@ def albert_parameter_counts() -> dict[str, int]:
     return {"base": base, "rar": count_parameters(model)}
 
 
-def plots(runs: list[dict], results: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = grouped(runs)
-    datasets = sorted({d for d, _ in groups})
-    written = []
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, d in zip(axes[0], datasets):
-        for (dd, m), rs in groups.items():
-            if dd != d:
-                continue
-            eps = [0.0] + [a["eps"] for a in rs[0]["attack"]["attacks"]]
-            acc = np.array([[r["attack"]["clean_accuracy"]] + [a["accuracy"] for a in r["attack"]["attacks"]]
-                            for r in rs]) * 100
-            ax.errorbar(eps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(rs) > 1 else None, marker="o",
-                        capsize=3, label=f"{NAMES.get(m, m)} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
-        ax.set(title=f"{d}: accuracy under {rs[0]['attack']['steps']}-PGD", ylabel="accuracy (%)",
-               xlabel=f"ε ({NORMS.get(rs[0]['attack']['norm'], rs[0]['attack']['norm'])})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    written.append(_save(fig, results / "accuracy_vs_eps.png"))
-
-    keys = [("train_loss", "L_C (mean over passes)"), ("train_loss_D", "L_D (CARL)"), ("train_loss_R", "L_R (RAR)"),
-            ("dev_accuracy", "dev accuracy")]
-    for d in datasets:
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-        for ax, (key, title) in zip(axes.flat, keys):
-            for (dd, m), rs in groups.items():
-                if dd != d:
-                    continue
-                by_step: dict[int, list[float]] = {}
-                for r in rs:
-                    for c in r["curves"]:
-                        if c.get(key) is not None:
-                            by_step.setdefault(c["step"], []).append(c[key])
-                if by_step:
-                    steps = sorted(by_step)
-                    ax.plot(steps, [statistics.mean(by_step[s]) for s in steps], marker=".", label=NAMES.get(m, m))
-            ax.set(title=title, xlabel="step")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-            else:
-                ax.text(0.5, 0.5, "no run logs this loss", ha="center", transform=ax.transAxes, color="grey")
-        fig.suptitle(f"{d}: training curves (mean over seeds; losses averaged between dev evaluations)")
-        written.append(_save(fig, results / f"training_curves_{d}.png"))
-
-    for d in datasets:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        label = ""
-        for (dd, m), rs in groups.items():
-            if dd != d:
-                continue
-            dist = rs[0]["per_example"]["distances"]
-            pick = (lambda r: r["per_example"]["distances"][0]) if dist else (lambda r: r["per_example"]["attacks"][-1])
-            label = f"α = {dist[0]['alpha']:g}, no projection" if dist else f"ε = {pick(rs[0])['eps']:g}"
-            cos = np.concatenate([pick(r)["cos"] for r in rs])
-            ax.hist(cos, bins=50, range=(-1.0, 1.0), histtype="step", linewidth=1.5,
-                    label=f"{NAMES.get(m, m)} (mean {cos.mean():.3f})")
-        ax.set(title=f"{d}: cos(R, R^adv) per dev example ({label}, all seeds)", xlabel="cosine similarity",
-               ylabel="examples", yscale="log")
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
-        written.append(_save(fig, results / f"cos_histogram_{d}.png"))
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+def tables(index: dict, runs: list[dict]) -> str:
+    """report.md's text: header, Table 2, per dataset Tables 4, 4b, 5, the bootstraps and diagnostics, Table 7."""
+    grid = Grid(grouped(runs), len(index["protocol"]["seeds"]))
+    planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
+    lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
+             f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
+             f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
+    for d in grid.datasets:
+        lines += [*table4(grid, d), *table4b(grid, d), *table5(grid, d), *bootstrap_tables(grid, d),
+                  *diagnostics_section(grid, d)]
+    lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
+              "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "
+              "speed): " + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"
+                                      for (d, m), v in grid.groups.items()), ""]
+    failed = {n: r for n, r in index["runs"].items() if r["status"] == "failed"}
+    if failed:
+        lines += ["## Failed runs", ""] + [f"- {n}: {r.get('error')}" for n, r in failed.items()] + [""]
+    return "\n".join(lines)
 
 
 def write_report(results: Path) -> tuple[Path, list[Path]]:
+    from carlrar.report_plots import plots
+
     index, runs = load_runs(results)
     text = tables(index, runs)
     pngs = plots(runs, results)
@@ -269,33 +358,3 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ``carlrar compare``: finished ``carlrar train`` runs side by side (no reproduce folder needed).
-
-
-def compare_runs(runs: list[Path]) -> tuple[list[float], list[tuple[Path, dict, dict]]]:
-    """Every ε attacked in any run (first seen first), and per run: its final metrics and the results by ε of its
-    first ``attack_*.json``."""
-    rows, eps = [], []
-    for run in map(Path, runs):
-        final = run / "final_metrics.json"
-        if not final.is_file():
-            raise UserError(f"{run}: no final_metrics.json (not a finished carlrar run)")
-        metrics = json.loads(final.read_text())
-        attacks = [json.loads(f.read_text()) for f in sorted(run.glob("attack_*.json"))]
-        by_eps = {a["eps"]: a for r in attacks[:1] for a in r["attacks"]}
-        eps += [e for e in by_eps if e not in eps]
-        rows.append((run, metrics, by_eps))
-    return eps, rows
-
-
-def print_comparison(eps: list[float], rows: list[tuple[Path, dict, dict]]):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="clean dev accuracy and accuracy under k-PGD (cos(R, R^adv) in brackets)")
-    for col in ["run", "method", "dev acc", *[f"ε={e:g}" for e in eps], "ex/s"]:
-        table.add_column(col, justify="left" if col in ("run", "method") else "right")
-    for run, m, by_eps in rows:
-        cells = [f"{by_eps[e]['accuracy']:.4f} ({by_eps[e]['mean_cos']:.3f})" if e in by_eps else "–" for e in eps]
-        table.add_row(str(run), m["method"], f"{m['dev']['accuracy']:.4f}", *cells, f"{m['examples_per_s']:.0f}")
-    Console(width=200).print(table)

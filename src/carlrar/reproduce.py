@@ -34,6 +34,14 @@ COST = {"base": 1.0, "freelb": 1.5, "pgd": 2.0, "fgm": 1.5, "carl": 2.4, "rar": 
 
 @dataclasses.dataclass
 class Protocol:
+    """A grid of runs (``methods`` × ``datasets`` × ``seeds``) and how each is trained and attacked.
+
+    ``variants`` names option sets (each with its ``method``) that ``methods`` may list like methods. With a
+    ``trunk`` (options of one run per dataset and seed, e.g. FreeLB until validation accuracy plateaus), the
+    ``branches`` (method or variant names) start from the trunk's last checkpoint (``--init_from``: weights,
+    optimiser, schedule, RNG, data position) and train ``branch_steps`` more steps; every other method trains as
+    many steps in all (trunk + branch) from scratch. CARL branches start L_D at the branch step."""
+
     methods: list[str]
     datasets: list[str]
     seeds: list[int]
@@ -41,6 +49,10 @@ class Protocol:
     datasets_overrides: dict
     attack: AttackConfig
     source: str
+    variants: dict = dataclasses.field(default_factory=dict)
+    trunk: dict = dataclasses.field(default_factory=dict)
+    branches: list = dataclasses.field(default_factory=list)
+    branch_steps: int = 0
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
@@ -55,10 +67,21 @@ class Protocol:
         if unknown:
             raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
         attack = AttackConfig.from_dict(data.get("attack") or {}, f"{path}: attack")
-        return cls(methods=list(data.get("methods", ["base", "freelb", "carl", "rar", "carl-rar"])),
-                   datasets=list(data.get("datasets", ["sst2"])), seeds=list(data.get("seeds", [0, 1, 2])),
-                   train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
-                   attack=attack, source=str(path))
+        protocol = cls(methods=list(data.get("methods", ["base", "freelb", "carl", "rar", "carl-rar"])),
+                       datasets=list(data.get("datasets", ["sst2"])), seeds=list(data.get("seeds", [0, 1, 2])),
+                       train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
+                       attack=attack, source=str(path), variants=data.get("variants") or {},
+                       trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
+                       branch_steps=int(data.get("branch_steps") or 0))
+        if protocol.trunk and not (protocol.trunk.get("max_steps") and protocol.branch_steps > 0):
+            raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
+        return protocol
+
+    def grid(self) -> list[tuple[str, str, int]]:
+        """(dataset, name, seed) in running order: seeds outermost (a partial grid compares every method), each
+        seed's trunk before its branches."""
+        trunk = ["trunk"] if self.trunk else []
+        return [(d, m, s) for s in self.seeds for d in self.datasets for m in trunk + self.methods]
 
     def narrow(self, methods: str | None = None, datasets: str | None = None, seeds: str | None = None):
         """The grid of --methods / --datasets (comma-separated) and --seeds (N: seeds 0..N-1, or comma-separated)
@@ -81,23 +104,34 @@ def run_name(dataset: str, method: str, seed: int) -> str:
     return f"{dataset}-{method}-s{seed}"
 
 
-def run_configs(protocol: Protocol, dataset: str, method: str, seed: int, models_dir: Path, extra: dict):
-    """TrainConfig + the method's config dataclasses: dataset preset < protocol train < per-dataset < --set."""
-    from carlrar.methods import METHODS
+def run_configs(protocol: Protocol, dataset: str, name: str, seed: int, models_dir: Path, extra: dict):
+    """TrainConfig + the method's config dataclasses: dataset preset < protocol train < per-dataset < variant (or
+    trunk) < --set; then a branch's or a scratch run's steps."""
+    from carlrar.methods import METHODS, config_classes
 
+    own = protocol.trunk if name == "trunk" else protocol.variants.get(name, {})
+    method = own.get("method", "freelb" if name == "trunk" else name)
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-    classes = (TrainConfig, *METHODS[method].config_classes)
-    every = (TrainConfig, *{c for m in METHODS.values() for c in m.config_classes})
+        raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)}; variants: "
+                        f"{', '.join(protocol.variants) or 'none'})")
     options = {}
     preset = PRESETS / f"{dataset}.yaml"
     layers = [(read_yaml(preset) if preset.is_file() else {}, str(preset)), (protocol.train, protocol.source),
-              (protocol.datasets_overrides.get(dataset) or {}, f"{protocol.source}: {dataset}"), (extra, "--set")]
-    for data, where in layers:
-        options.update(coerce_options(data, every, where))  # keys of other methods are valid, and ignored here
+              (protocol.datasets_overrides.get(dataset) or {}, f"{protocol.source}: {dataset}"),
+              ({k: v for k, v in own.items() if k != "method"}, f"{protocol.source}: {name}"), (extra, "--set")]
+    for data, where in layers:  # keys of other methods are valid, and ignored here
+        options.update(coerce_options(data, (TrainConfig, *config_classes()), where))
     own_files = bool(options.get("train_file"))  # a user's dataset: its name only names the runs
-    options.update(method=method, dataset=None if own_files else dataset, seed=seed, output_dir=str(models_dir / run_name(dataset, method, seed)),
-                   preset=None, config=None, overwrite=False)
+    options.update(method=method, dataset=None if own_files else dataset, seed=seed, preset=None, config=None,
+                   output_dir=str(models_dir / run_name(dataset, name, seed)), overwrite=False)
+    if protocol.trunk and name != "trunk":
+        trunk_steps = int(protocol.trunk["max_steps"])
+        options["max_steps"] = trunk_steps + protocol.branch_steps  # the same steps in all, branch or not
+        if name in protocol.branches:
+            options["init_from"] = str(models_dir / run_name(dataset, "trunk", seed))
+            if "carl_start_step" not in own and "carl_start_rule" not in own:
+                options["carl_start_step"] = trunk_steps  # L_D from the branch step, banks filled just before
+    classes = (TrainConfig, *METHODS[method].config_classes)
     return tuple(c(**{f.name: options[f.name] for f in dataclasses.fields(c) if f.name in options}) for c in classes)
 
 
@@ -108,8 +142,12 @@ def write_json(path: Path, data):
     os.replace(tmp, path)
 
 
-def execute_run(configs, attack: AttackConfig) -> dict:
-    """Train (resuming if interrupted), then attack the best-dev model on the dev set."""
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def execute_run(configs, attack: AttackConfig | None) -> dict:
+    """Train (resuming if interrupted), then attack the best-dev model on the dev set (a trunk: no attack)."""
     from transformers import AutoTokenizer
 
     from carlrar.attack import run_attack
@@ -122,6 +160,14 @@ def execute_run(configs, attack: AttackConfig) -> dict:
     out = cfg.resolved_output_dir()
     final_file = out / "final_metrics.json"
     final = json.loads(final_file.read_text()) if final_file.exists() else train(*configs)
+    record = {"config": to_dict(*configs), "final": final, "curves": read_jsonl(out / "metrics.jsonl"),
+              "diagnostics": read_jsonl(out / "diagnostics.jsonl")}
+    if cfg.init_from and not cfg.init_weights_only:
+        trunk = Path(cfg.init_from)
+        record["branch"] = {"trunk": trunk.name, "step": final["init_from"]["step"]}
+        record["trunk_curves"] = [c for c in read_jsonl(trunk / "metrics.jsonl") if c["step"] <= record["branch"]["step"]]
+    if attack is None:
+        return record
     model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
                       cfg.label_column)
@@ -129,9 +175,7 @@ def execute_run(configs, attack: AttackConfig) -> dict:
     result = run_attack(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id, attack,
                         cfg.eval_batch_size, seed=cfg.seed, per_example=True)
     per_example = result.pop("per_example")
-    curves = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    return {"config": to_dict(*configs), "final": final, "attack": result, "per_example": per_example,
-            "curves": curves}
+    return {**record, "attack": result, "per_example": per_example}
 
 
 def format_seconds(s: float) -> str:
@@ -156,7 +200,7 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
               command: str = "") -> dict:
     """Run (or resume) the grid; return the index. Seeds outermost, so a partial grid compares every method."""
     extra = extra or {}
-    grid = [(d, m, s) for s in protocol.seeds for d in protocol.datasets for m in protocol.methods]
+    grid = protocol.grid()
     models_dir = results / "models"
     configs = {run_name(*g): run_configs(protocol, *g, models_dir, extra) for g in grid}  # bad options fail here
     from carlrar.data import load_dataset
@@ -172,8 +216,9 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}
     index.update(protocol=dataclasses.asdict(protocol), command=command or index.get("command", ""),
                  extra=extra)
+    (results / "trunks").mkdir(exist_ok=True)
     for name, (d, m, s) in zip(configs, grid):
-        done = (results / "runs" / f"{name}.json").exists()
+        done = (results / ("trunks" if m == "trunk" else "runs") / f"{name}.json").exists()
         entry = index["runs"].get(name, {})
         status = entry.get("status", "pending")
         index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,  # done means: its JSON exists
@@ -190,7 +235,7 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         entry = index["runs"][name]
         started = time.time()
         try:
-            record = execute_run(configs[name], protocol.attack)
+            record = execute_run(configs[name], None if g[1] == "trunk" else protocol.attack)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (recorded and reported; the grid goes on)
@@ -201,15 +246,16 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
             continue
         seconds = time.time() - started  # this sitting only, when a run was resumed
         record.update(name=name, dataset=g[0], method=g[1], seed=g[2], seconds=round(seconds, 1))
-        write_json(results / "runs" / f"{name}.json", record)
-        if not keep_checkpoints:
+        trunk = g[1] == "trunk"  # its checkpoint stays: the branches start from it
+        write_json(results / ("trunks" if trunk else "runs") / f"{name}.json", record)
+        if not keep_checkpoints and not trunk:
             shutil.rmtree(Path(configs[name][0].output_dir) / "checkpoint", ignore_errors=True)
         entry.update(status="done", seconds=round(seconds, 1), error=None, traceback=None,
                      dev_accuracy=record["final"]["dev"]["accuracy"],
-                     attack={str(a["eps"]): a["accuracy"] for a in record["attack"]["attacks"]})
+                     attack={str(a["eps"]): a["accuracy"] for a in record.get("attack", {}).get("attacks", [])})
         write_json(index_file, index)
-        say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f} · under attack "
-            + " / ".join(f"{v:.4f}" for v in entry["attack"].values()))
+        say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f}" + (" · under attack " + " / ".join(
+            f"{v:.4f}" for v in entry["attack"].values()) if entry["attack"] else ""))
     failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
     if failed:
         say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))

@@ -18,12 +18,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from carlrar.checkpoint import claim_output_dir, resume, save_best, save_checkpoint
+from carlrar.checkpoint import claim_output_dir, init_from_run, resume, save_best, save_checkpoint
 from carlrar.config import TrainConfig, to_dict
-from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, load_dataset, subset
-from carlrar.distributed import any_process, average_gradients, broadcast_parameters, total_rows
+from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, carve_validation, load_dataset, subset
+from carlrar.distributed import any_process, average_gradients, broadcast_object, broadcast_parameters, total_rows
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
@@ -42,7 +42,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     # Everything that can fail on bad input happens before the output directory is touched.
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
                       cfg.text_column, cfg.label_column)
-    train_split = subset(ds.split("train"), cfg.train_subset, cfg.seed)
+    val_split, train_split = None, ds.split("train")
+    if cfg.validation_size:  # choices on validation, carved before the subset: the same examples for every seed
+        val_split, train_split = carve_validation(train_split, cfg.validation_size)
+    train_split = subset(train_split, cfg.train_subset, cfg.seed)
     tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
@@ -53,8 +56,8 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
     device, main, processes = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     method_configs = method_configs or tuple(c() for c in METHODS[cfg.method].config_classes)
-    out = cfg.resolved_output_dir()
-    resuming = claim_output_dir(out, {**to_dict(cfg, *method_configs), "label_names": ds.label_names}, main)
+    out, config = cfg.resolved_output_dir(), {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
+    resuming = claim_output_dir(out, config, main)
 
     train_data = EncodedSplit(train_split, tokenizer, cfg.max_length)
     dev_data = EncodedSplit(ds.split("dev"), tokenizer, cfg.max_length)
@@ -76,11 +79,15 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     run = Run(cfg, accelerator, model, method, tokenizer, ds, dev_data, out, total_steps, steps_per_epoch,
               say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None),
-              on_evaluate=on_evaluate)
+              on_evaluate=on_evaluate, val_data=EncodedSplit(val_split, tokenizer, cfg.max_length) if val_split else None)
     state = run.state
     if resuming:
         run.state = state = resume(accelerator, out, model, method, state)
         run.say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
+    elif cfg.init_from:
+        run.state = state = init_from_run(accelerator, Path(cfg.init_from), config, model, optimizer, state,
+                                          cfg.init_weights_only)
+        run.say(f"starting from {cfg.init_from} at step {state['step']}")
     meter = ThroughputMeter(model.config, measure_matmul_peak())
     run.say(f"{cfg.method} · {cfg.model} ({count_parameters(model):,} parameters) · {ds.name} train "
             f"{len(train_data):,} / dev {len(dev_data):,} · {total_steps} steps of "
@@ -98,7 +105,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             state["epoch"], state["batches_done"] = state["epoch"] + 1, 0
         sampler.set_epoch(state["epoch"])
         sampler.start = state["batches_done"]
-        micro, evaluated, nonfinite = 0, False, []
+        micro, evaluated, nonfinite, diagnostics = 0, False, [], {}
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             if micro % cfg.grad_accum == 0 and method.before_step(state["step"], model, train_data, collate,
@@ -108,7 +115,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             rows, scale = len(batch["labels"]), 1.0 / cfg.grad_accum
             if processes > 1:  # unequal slices of a global batch: weight by rows, as one process would
                 scale *= rows * processes / total_rows(rows)
-            logs = method.training_step(model, batch, accelerator.backward, scale, state["step"])
+            diagnose = bool(cfg.diagnostics_steps) and state["step"] % cfg.diagnostics_steps == 0 \
+                and micro % cfg.grad_accum == 0
+            logs = method.training_step(model, batch, accelerator.backward, scale, state["step"], diagnose=diagnose)
+            diagnostics = {k[5:]: logs.pop(k) for k in [k for k in logs if k.startswith("diag/")]} or diagnostics
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * processes
             nonfinite += [k for k, v in logs.items() if not math.isfinite(v)]
             for k, v in logs.items():
@@ -124,7 +134,13 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if skip_nonfinite(run, nonfinite + ([] if torch.isfinite(norm) else ["gradient"])):
                 optimizer.zero_grad(set_to_none=True)  # skipped: no update from this batch
-            nonfinite = []
+            clip = {"grad_norm": norm.item(), "clip_factor": min(1.0, cfg.grad_clip / max(norm.item(), 1e-12))
+                    if cfg.grad_clip > 0 else 1.0}
+            for k, v in clip.items():
+                since.setdefault(k, []).append(v)
+            if diagnostics and main:
+                write_diagnostics(out, {"step": state["step"], **diagnostics, **clip})
+            nonfinite, diagnostics = [], {}
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -166,6 +182,7 @@ class Run:
     steps_per_epoch: int
     say: Callable[[str], None]
     on_evaluate: Callable[[int, float], None] | None = None
+    val_data: EncodedSplit | None = None  # the selection split, when carved from the training data
     state: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -180,7 +197,10 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if cfg.lr_schedule == "constant":  # e.g. a trunk whose branches continue at the same rate
+        return optimizer, get_constant_schedule_with_warmup(optimizer, warmup)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 def skip_nonfinite(run: Run, nonfinite: list[str]) -> bool:
@@ -199,6 +219,13 @@ def skip_nonfinite(run: Run, nonfinite: list[str]) -> bool:
     return True
 
 
+def write_diagnostics(out: Path, record: dict):
+    """One line of diagnostics.jsonl: the step's per-term gradient norms and cosines (carlrar.diagnostics), the
+    gradient norm before clipping and the clip factor."""
+    with open(out / "diagnostics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
 def log_line(run: Run, window: dict[str, list[float]], meter: ThroughputMeter, lr: float):
     """Mean training scalars since the last line, learning rate, examples/s and the fraction of the matmul peak."""
     ex_s, frac = meter.read()
@@ -214,23 +241,27 @@ def evaluate_and_checkpoint(run: Run, since: dict[str, list[float]]):
     state, accelerator = run.state, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        dev = evaluate_split(run.model, run.dev_data, run.ds.label_names, run.tokenizer.pad_token_id,
-                             run.cfg.eval_batch_size)
+        dev, val = (evaluate_split(run.model, data, run.ds.label_names, run.tokenizer.pad_token_id,
+                                   run.cfg.eval_batch_size) if data is not None else None
+                    for data in (run.dev_data, run.val_data))
         record = {"step": state["step"], "epoch": round(state["step"] / run.steps_per_epoch, 3),
                   "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "dev_loss": dev["loss"],
+                  **({"val_accuracy": val["accuracy"], "val_loss": val["loss"]} if val else {}),
                   "skipped_steps": state["skipped_steps"],
                   **{f"train_{k}": sum(v) / len(v) for k, v in since.items() if v}}
-        state["last_accuracy"] = dev["accuracy"]
+        chosen = val or dev  # with a validation split, dev is only reported
+        state["last_accuracy"] = chosen["accuracy"]
         # a method may not be itself yet early on (CARL is FreeLB before its start step): no best model from then
         eligible = state["step"] > run.method.select_after_step or state["step"] >= run.total_steps
-        improved = eligible and dev["accuracy"] > state["best_accuracy"]
+        improved = eligible and chosen["accuracy"] > state["best_accuracy"]
         if improved:
-            state.update(best_accuracy=dev["accuracy"], best_step=state["step"], best_dev=dev)
+            state.update(best_accuracy=chosen["accuracy"], best_step=state["step"], best_dev=dev, best_val=val)
             save_best(run.model, run.tokenizer, run.out)
         with open(run.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        run.say(f"eval step {state['step']}: dev accuracy {dev['accuracy']:.4f}{' (best)' if improved else ''} · "
-                f"dev loss {dev['loss']:.4f}")
+        run.say(f"eval step {state['step']}: " + (f"validation accuracy {val['accuracy']:.4f} · " if val else "")
+                + f"dev accuracy {dev['accuracy']:.4f}{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
+    run.method.after_evaluate(state["step"], broadcast_object(state.get("last_accuracy")))  # one decision for all
     save_checkpoint(accelerator, run.out, run.model, run.method, state)
     since.clear()
     if run.on_evaluate is not None and accelerator.is_main_process:
@@ -248,7 +279,9 @@ def finish(run: Run, train_examples: int, peak: float) -> dict:
              # real (non-pad) tokens only, against the fp32 matmul peak timed at start-up
              "useful_gflops_per_s": round(state["useful_flops"] / seconds / 1e9, 1),
              "matmul_peak_gflops": round(peak / 1e9, 1), "parameters": count_parameters(run.model),
-             "skipped_steps": state["skipped_steps"], "best_step": state["best_step"], "dev": state["best_dev"]}
+             "skipped_steps": state["skipped_steps"], "best_step": state["best_step"], "dev": state["best_dev"],
+             **({"validation": state["best_val"]} if state.get("best_val") else {}),
+             **({"init_from": state["init_from"]} if state.get("init_from") else {})}
     if run.accelerator.is_main_process:
         if "test" in run.ds.splits:
             from carlrar.models import load_trained

@@ -327,6 +327,18 @@ def subset(split: Split, n: int | None, seed: int) -> Split:
     return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx], f"{split.source} (seeded {n})")
 
 
+def carve_validation(split: Split, n: int, seed: int = 0) -> tuple[Split, Split]:
+    """(validation, rest): a seeded random n examples of a training split set aside for model selection, so that
+    dev is only ever reported. Seed 0 by default: every run of a comparison chooses on the same examples."""
+    if n >= len(split):
+        raise UserError(f"validation_size = {n}: the training split has only {len(split)} examples")
+    chosen = set(random.Random(seed).sample(range(len(split)), n))
+    pick = lambda keep: Split([t for i, t in enumerate(split.texts) if (i in chosen) == keep],  # noqa: E731
+                              [y for i, y in enumerate(split.labels) if (i in chosen) == keep],
+                              f"{split.source} ({'validation' if keep else 'without validation'} {n})")
+    return pick(True), pick(False)
+
+
 def read_labelled_file(path: str, text_column: str, label_column: str, model_labels: list[str]) -> Split:
     """A labelled file for a trained model: labels given as the model's label names, or else as its label ids."""
     texts, raw = read_examples(Path(path), [text_column], label_column)

@@ -82,12 +82,18 @@ class Method:
         """This run's term of class ``cls`` (e.g. ``ContrastiveTerm``), or None."""
         return next((t for t in self.terms if isinstance(t, cls)), None)
 
-    def training_step(self, model, batch, backward, scale: float = 1.0, step: int = 0) -> dict[str, float]:
-        return self.spec.step(model, batch, backward, self.adv, self.terms, scale, step)
+    def training_step(self, model, batch, backward, scale: float = 1.0, step: int = 0,
+                      diagnose: bool = False) -> dict[str, float]:
+        """One micro-batch's passes; with ``diagnose``, FreeLB also returns ``diag/*`` gradient diagnostics."""
+        return self.spec.step(model, batch, backward, self.adv, self.terms, scale, step, diagnose=diagnose)
 
     def before_step(self, step: int, model, data, collate, batch_size: int) -> bool:
         """Every term's work before optimiser step ``step``; True when any changed state (the loop checkpoints)."""
         return any([t.before_step(step, model, data, collate, batch_size) for t in self.terms])  # all of them run
+
+    def after_evaluate(self, step: int, accuracy: float):
+        for t in self.terms:
+            t.after_evaluate(step, accuracy)
 
     def state_tensors(self):
         return {k: v for t in self.terms for k, v in t.state_tensors().items()}

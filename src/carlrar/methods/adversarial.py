@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from carlrar.config import check, config_field as _f
+from carlrar.diagnostics import term_gradients
 from carlrar.perturb import ascent_step, init_delta
 
 
@@ -62,19 +63,21 @@ def new_delta(model, batch, init_mag: float, norm: str) -> torch.Tensor:
     return init_delta(embeds, batch["attention_mask"], init_mag, norm)
 
 
-def base_step(model, batch, backward, adv=None, terms=(), scale: float = 1.0, step: int = 0) -> dict[str, float]:
+def base_step(model, batch, backward, adv=None, terms=(), scale: float = 1.0, step: int = 0,
+              diagnose: bool = False) -> dict[str, float]:
     """Plain fine-tuning: cross-entropy on the clean input (L_C, Eq. 8)."""
     loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
     backward(loss * scale)
     return {"loss": loss.item()}
 
 
-def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0,
-                step: int = 0) -> dict[str, float]:
+def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0, step: int = 0,
+                diagnose: bool = False) -> dict[str, float]:
     """FreeLB (Zhu et al. 2020, https://arxiv.org/abs/1909.11764) as its official Hugging Face example, plus
     objective terms. n passes on E + δ; pass t's loss is L_C / n (Eq. 8) plus each term's (RAR: w_r·L_R / n,
     Eq. 7; CARL: w·L_D on the last pass, Eq. 2–6); parameter gradients accumulate over the passes; δ takes a
-    normalised ascent step between passes (Eq. 1), none after the last; then the terms' updates (Eq. 5)."""
+    normalised ascent step between passes (Eq. 1), by default on the whole pass loss (a term may keep out of it);
+    none after the last; then the terms' updates (Eq. 5). ``diagnose``: the last pass's per-term gradients."""
     for term in terms:
         term.begin(batch, step)
     if step < adv.adv_start_step:
@@ -88,24 +91,32 @@ def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale:
         with replay.same_masks():
             out = model(ids, mask, delta=delta)  # embeddings recomputed from the ids on every pass
         loss = F.cross_entropy(out.logits, labels)
-        extra = 0.0
+        extra, ascending, held_out, raw = 0.0, 0.0, False, {"C": loss}
         for term in terms:
-            part = term.pass_loss(model, batch, out, t, n, replay)
+            part = term.pass_loss(model, batch, out, t, n, replay, loss)
             extra = extra + part.value
+            ascending, held_out = (ascending + part.value, held_out) if part.ascend else (ascending, True)
             updates += [part.after_backward] if part.after_backward else []
+            raw.update(part.raw)
             for k, v in part.logs.items():
                 logs[k] = logs.get(k, 0.0) + v
+        if diagnose and t == n - 1:
+            logs.update({f"diag/{k}": v for k, v in term_gradients(model, raw).items()})
+        grad = None
+        if held_out and t < n - 1:  # δ ascends only the terms of the inner max (e.g. Eq. 7's: L_C alone)
+            (grad,) = torch.autograd.grad(loss / n + ascending, delta, retain_graph=True)
         backward((loss / n + extra) * scale)
         logs["loss"] += loss.item() / n
         if t < n - 1:
-            delta = ascent_step(delta, delta.grad, mask, adv.adv_lr, adv.adv_max_norm, adv.adv_norm)
+            delta = ascent_step(delta, delta.grad if grad is None else grad, mask, adv.adv_lr, adv.adv_max_norm,
+                                adv.adv_norm)
     for update in updates:
         update()
     return logs
 
 
-def pgd_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0,
-             step: int = 0) -> dict[str, float]:
+def pgd_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0, step: int = 0,
+             diagnose: bool = False) -> dict[str, float]:
     """PGD adversarial training (Madry et al. 2018): k ascent steps on δ with parameter gradients discarded, then
     one training pass on the final δ (optionally averaged with the clean loss)."""
     if step < adv.adv_start_step:
@@ -127,8 +138,8 @@ def pgd_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: fl
     return {"loss": loss.item(), **logs}
 
 
-def fgm_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0,
-             step: int = 0) -> dict[str, float]:
+def fgm_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale: float = 1.0, step: int = 0,
+             diagnose: bool = False) -> dict[str, float]:
     """FGM adversarial training (Miyato et al. 2017): clean pass, one normalised step of size α from δ = 0, then an
     adversarial pass; L_C(clean) + L_C(adversarial)."""
     if step < adv.adv_start_step:

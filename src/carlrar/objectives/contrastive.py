@@ -20,7 +20,7 @@ from torch import nn
 
 from carlrar.config import check, config_field as _f
 from carlrar.distributed import all_mean, gather_rows, global_batch_order, rank, world_size
-from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss
+from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss, balanced_weight
 
 CITATION = """@inproceedings{qiu2021carl,
   title = {Improving Gradient-based Adversarial Training for Text Classification by Contrastive Learning and
@@ -181,7 +181,9 @@ class ContrastiveLoss(nn.Module):
         loss_a, loss_o = self.term(pos_a, neg_a, view=1), self.term(pos_o, neg_o, view=0)
         return loss_o + loss_a, {"loss_D_o": loss_o.item(), "loss_D_a": loss_a.item(),
                                  "score_pos": pos_a.mean().item() / self.temperature,
-                                 "score_neg": neg_a.mean().item() / self.temperature}
+                                 "score_neg": neg_a.mean().item() / self.temperature,
+                                 # how hard the negatives are: the share scoring above their anchor's positive
+                                 "neg_above_pos": (neg_a > pos_a.unsqueeze(1)).float().mean().item()}
 
 
 @dataclass
@@ -202,9 +204,18 @@ class ContrastiveConfig:
     bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)",
                          choices=["float32", "float16"])
     carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
+    # beyond the paper (defaults keep the paper's behaviour)
+    carl_weight_ratio: float = _f(0.0, "> 0: w = min(carl_weight, ratio · ‖∇L_C‖ / ‖∇L_D‖), measured on the "
+                                       "start step and every --carl_balance_steps after (0: fixed carl_weight)")
+    carl_balance_steps: int = _f(25, "steps between two measurements of the balanced weight")
+    carl_start_rule: str = _f("step", "step: start at carl_start_step (Table 3); plateau: once the selection "
+                                      "accuracy has not improved for --carl_plateau_patience evaluations",
+                              choices=["step", "plateau"])
+    carl_plateau_patience: int = _f(2, "plateau rule: evaluations without a new best before L_D starts")
 
     def __post_init__(self):
-        check(self, minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0})
+        check(self, minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0,
+                             "carl_weight_ratio": 0, "carl_balance_steps": 1, "carl_plateau_patience": 1})
 
 
 class ContrastiveTerm(ObjectiveTerm):
@@ -231,8 +242,9 @@ class ContrastiveTerm(ObjectiveTerm):
         self.config, self.adv = config, adv
         start = config.carl_start_step
         self.start_step = int(round(start * total_steps)) if 0 < start < 1 else int(start)
-        self.select_after_step = self.start_step  # best-dev checkpoints only once L_D has trained the model
-        if not 0 < self.start_step < total_steps:
+        if config.carl_start_rule == "plateau":  # set by after_evaluate once the selection accuracy stalls
+            self.start_step, self.plateau = total_steps + 1, [-1.0, 0]  # best accuracy, evaluations since
+        elif not 0 < self.start_step < total_steps:
             warnings.warn(f"CARL: start step {self.start_step} is outside 1..{total_steps - 1}: "
                           f"{'L_D starts before any FreeLB step' if self.start_step <= 0 else 'L_D never applies'}",
                           stacklevel=2)
@@ -245,9 +257,13 @@ class ContrastiveTerm(ObjectiveTerm):
         self.bank_adv = MemoryBank(n, dim, config.carl_momentum, dtype).to(device)
         self.sampler = NegativeSampler(list(train_labels), config.carl_negatives)
         self.loss = ContrastiveLoss(config.carl_temperature, config.carl_estimator, n, config.carl_z_momentum).to(device)
-        self.filled = False
+        self.filled, self.weight, self.balanced_at = False, config.carl_weight, None
         # negatives come from a generator re-seeded each step: the same draws on every process and after a resume
         self.seed, self.generator, self.step = seed, torch.Generator(), None
+
+    @property
+    def select_after_step(self) -> int:
+        return self.start_step  # best checkpoints only once L_D has trained the model
 
     @classmethod
     def from_run(cls, configs, model, train_labels, total_steps, train_config):
@@ -311,7 +327,7 @@ class ContrastiveTerm(ObjectiveTerm):
             self.generator.manual_seed(self.seed * 1_000_003 + step)
             self.step = step
 
-    def pass_loss(self, model, batch, out, t, n, replay) -> TermLoss:
+    def pass_loss(self, model, batch, out, t, n, replay, loss_C) -> TermLoss:
         """w·L_D on the last pass (Eq. 6), R from a clean forward with this pass's dropout masks."""
         if not self.filled or t < n - 1:
             return NOTHING
@@ -325,8 +341,14 @@ class ContrastiveTerm(ObjectiveTerm):
         loss, logs = self.loss(R, R_adv, self.bank_orig, self.bank_adv, negatives,
                                index=index if self.config.carl_positive == "bank" else None)
         logs.update(loss_D=loss.item(), cos_R_Radv=(R * R_adv).sum(1).mean().item())
+        c = self.config
+        if c.carl_weight_ratio > 0 and self.balanced_at != self.step \
+                and (self.step - self.start_step) % c.carl_balance_steps == 0:
+            self.weight, self.balanced_at = balanced_weight(model, loss_C, loss, c.carl_weight_ratio, c.carl_weight), self.step
+        if c.carl_weight_ratio > 0:
+            logs["carl_weight"] = self.weight
         rows = (index, R.detach(), R_adv.detach())  # written after the backward, which still reads the old rows
-        return TermLoss(self.config.carl_weight * loss, logs, lambda: self.update_banks(*rows))
+        return TermLoss(self.weight * loss, logs, lambda: self.update_banks(*rows), {"D": loss})
 
     def update_banks(self, index, R, R_adv):
         """Eq. 5 with every process's rows, so all banks stay identical."""
@@ -335,13 +357,34 @@ class ContrastiveTerm(ObjectiveTerm):
         self.bank_orig.update(index[finite], R[finite])
         self.bank_adv.update(index[finite], R_adv[finite])
 
+    def after_evaluate(self, step, accuracy):
+        """Plateau rule: L_D starts (banks filled before the next step) after ``carl_plateau_patience``
+        evaluations without a new best selection accuracy."""
+        if self.config.carl_start_rule != "plateau" or self.start_step <= step:
+            return
+        best, since = self.plateau
+        self.plateau = [accuracy, 0] if accuracy > best else [best, since + 1]
+        if self.plateau[1] >= self.config.carl_plateau_patience:
+            self.start_step = step
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The banks, NCE's Z and whether the banks are filled."""
-        return {"bank_orig": self.bank_orig.rows, "bank_adv": self.bank_adv.rows, "Z": self.loss.Z,
-                "filled": torch.tensor(int(self.filled))}
+        """The banks, NCE's Z, whether the banks are filled, the start step and the balanced weight."""
+        state = {"bank_orig": self.bank_orig.rows, "bank_adv": self.bank_adv.rows, "Z": self.loss.Z,
+                 "filled": torch.tensor(int(self.filled))}
+        if self.config.carl_start_rule == "plateau":
+            state.update(start_step=torch.tensor(self.start_step),
+                         plateau=torch.tensor(self.plateau, dtype=torch.float64))  # exact accuracies on resume
+        if self.config.carl_weight_ratio > 0:
+            state["weight"] = torch.tensor(self.weight, dtype=torch.float64)
+        return state
 
     def load_state_tensors(self, state):
         self.bank_orig.rows.copy_(state["bank_orig"])
         self.bank_adv.rows.copy_(state["bank_adv"])
         self.loss.Z.copy_(state["Z"])
         self.filled = bool(state["filled"].item())
+        if "start_step" in state:
+            best, since = state["plateau"].tolist()
+            self.start_step, self.plateau = int(state["start_step"]), [best, int(since)]
+        if "weight" in state:
+            self.weight = float(state["weight"])

@@ -9,6 +9,7 @@ al. 2020 (https://arxiv.org/abs/1909.11764).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carlrar.config import check, config_field as _f
-from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss
+from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss, balanced_weight
 
 
 class Reconstructor(nn.Module):
@@ -128,9 +129,19 @@ class ReconstructionConfig:
     rar_weight: float = _f(0.1, "w_r: weight of L_R next to L_C on every adversarial pass (Eq. 7: 0.1)")
     rar_passes: str = _f("all", "all: L_R on every FreeLB pass (paper); last: only on the last pass (cheaper)",
                          choices=["all", "last"])
+    # beyond the paper (defaults keep the paper's behaviour)
+    rar_ascent: str = _f("total", "what δ ascends between passes: total (L_C + w_r·L_R, FreeLB's pass loss) or "
+                                  "classification (L_C alone: Eq. 7's inner max)", choices=["total", "classification"])
+    rar_weight_ratio: float = _f(0.0, "> 0: w_r = min(rar_weight, ratio · ‖∇L_C‖ / ‖∇L_R‖), measured every "
+                                      "--rar_balance_steps steps (0: fixed rar_weight)")
+    rar_balance_steps: int = _f(25, "steps between two measurements of the balanced weight")
+    rar_warmup_steps: int = _f(0, "before RAR's first step, fit the reconstructor alone on clean token states for "
+                                  "this many batches, encoder frozen (stands in for a pretrained MLM head)")
+    rar_warmup_lr: float = _f(1e-3, "learning rate of the reconstructor warm-up (AdamW)")
 
     def __post_init__(self):
-        check(self, minimum={"rar_weight": 0})
+        check(self, minimum={"rar_weight": 0, "rar_weight_ratio": 0, "rar_balance_steps": 1, "rar_warmup_steps": 0,
+                             "rar_warmup_lr": 1e-12})
 
 
 class ReconstructionTerm(ObjectiveTerm):
@@ -150,21 +161,76 @@ class ReconstructionTerm(ObjectiveTerm):
         freelb_step(model, batch, lambda loss: loss.backward(), AdversarialConfig(), terms=(term,))
     """
 
-    def __init__(self, config: ReconstructionConfig, adv, model, model_name: str | None = None):
-        self.config, self.adv = config, adv
+    def __init__(self, config: ReconstructionConfig, adv, model, model_name: str | None = None, seed: int = 0):
+        self.config, self.adv, self.seed = config, adv, seed
         self.head = attach_reconstructor(model)
         self.head_from_mlm = bool(model_name) and load_mlm_head(self.head, pretrained_tensors(model_name))
+        self.warmed = config.rar_warmup_steps == 0
+        self.weight, self.balanced_at, self.step = config.rar_weight, None, 0
 
     @classmethod
     def from_run(cls, configs, model, train_labels, total_steps, train_config):
         from carlrar.methods.adversarial import AdversarialConfig
 
-        return cls(configs[ReconstructionConfig], configs[AdversarialConfig], model, getattr(train_config, "model", None))
+        return cls(configs[ReconstructionConfig], configs[AdversarialConfig], model, getattr(train_config, "model", None),
+                   getattr(train_config, "seed", 0))
 
-    def pass_loss(self, model, batch, out, t, n, replay) -> TermLoss:
-        if self.config.rar_passes == "last" and t < n - 1:
+    def begin(self, batch, step):
+        self.step = step
+
+    def pass_loss(self, model, batch, out, t, n, replay, loss_C) -> TermLoss:
+        c = self.config
+        if c.rar_passes == "last" and t < n - 1:
             return NOTHING
         logits = model.heads["reconstructor"](out.token_states)
         loss = reconstruction_loss(logits, batch["input_ids"], batch["attention_mask"])
-        k = n if self.config.rar_passes == "all" else 1  # same total weight either way
-        return TermLoss(self.config.rar_weight * loss / k, {"loss_R": loss.item() / k})
+        if c.rar_weight_ratio > 0 and t == n - 1 and self.balanced_at != self.step \
+                and self.step % c.rar_balance_steps == 0:
+            self.weight, self.balanced_at = balanced_weight(model, loss_C, loss, c.rar_weight_ratio, c.rar_weight), self.step
+        k = n if c.rar_passes == "all" else 1  # same total weight either way
+        logs = {"loss_R": loss.item() / k, **({"rar_weight": self.weight} if c.rar_weight_ratio > 0 and t == n - 1
+                                              else {})}
+        return TermLoss(self.weight * loss / k, logs, raw={"R": loss}, ascend=c.rar_ascent == "total")
+
+    def before_step(self, step, model, data, collate, batch_size) -> bool:
+        """The reconstructor warm-up, once, before RAR's first step. True when it ran (the loop checkpoints)."""
+        if self.warmed:
+            return False
+        warm_up_reconstructor(self.head, model, data, collate, batch_size, self.config, self.seed)
+        self.warmed = True
+        return True
+
+    def state_tensors(self):
+        state = {"rar_warmed": torch.tensor(int(self.warmed))} if self.config.rar_warmup_steps else {}
+        if self.config.rar_weight_ratio > 0:
+            state["rar_weight"] = torch.tensor(self.weight, dtype=torch.float64)
+        return state
+
+    def load_state_tensors(self, state):
+        self.warmed = bool(state.get("rar_warmed", torch.tensor(int(self.warmed))).item())
+        self.weight = float(state["rar_weight"]) if "rar_weight" in state else self.weight
+
+
+def warm_up_reconstructor(head: Reconstructor, model, data, collate, batch_size: int, config, seed: int):
+    """Fit the head alone (dense, LayerNorm, vocab bias; not the tied embeddings) on clean token states, encoder
+    frozen and in eval mode, for ``rar_warmup_steps`` seeded batches: what a pretrained MLM head gives ALBERT in the
+    paper and MiniLM lacks. Its own generator: the training RNG does not move (exact resume)."""
+    from tqdm.auto import tqdm
+
+    params = [head.dense.weight, head.dense.bias, head.layer_norm.weight, head.layer_norm.bias, head.bias]
+    optimizer = torch.optim.AdamW(params, lr=config.rar_warmup_lr)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
+    was_training = model.training
+    model.eval()
+    steps = config.rar_warmup_steps
+    for k in tqdm(range(steps), desc="reconstructor warm-up", disable=not sys.stderr.isatty(), leave=False):
+        idx = order[(torch.arange(batch_size) + k * batch_size) % len(data)].tolist()
+        b = {key: v.to(model.device) for key, v in collate([data[i] for i in idx]).items()}
+        with torch.no_grad():
+            states = model(b["input_ids"], b["attention_mask"]).token_states
+        loss = reconstruction_loss(head(states), b["input_ids"], b["attention_mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.word_embeddings.weight.grad = None  # the tied decoder weight is the encoder's: not warmed here
+        optimizer.step()
+    model.train(was_training)

@@ -16,11 +16,15 @@ import torch
 
 class TermLoss(NamedTuple):
     """One term's contribution to one pass: the value added to the pass loss (already weighted), scalars to log,
-    and an update to run once the step's last backward is done (it may still need tensors the backward reads)."""
+    an update to run once the step's last backward is done (it may still need tensors the backward reads), the
+    unweighted loss by name for the gradient diagnostics, and whether δ's ascent includes this term (False: the
+    inner max is over the other terms only)."""
 
     value: torch.Tensor | float = 0.0
     logs: dict[str, float] = {}
     after_backward: Callable[[], None] | None = None
+    raw: dict[str, torch.Tensor] = {}
+    ascend: bool = True
 
 
 NOTHING = TermLoss()
@@ -49,10 +53,15 @@ class ObjectiveTerm:
     def begin(self, batch: dict, step: int):
         """Called once per micro-batch before its passes."""
 
-    def pass_loss(self, model, batch: dict, out, t: int, n: int, replay) -> TermLoss:
+    def pass_loss(self, model, batch: dict, out, t: int, n: int, replay, loss_C: torch.Tensor) -> TermLoss:
         """The term on pass ``t`` of ``n``; ``out`` is that pass's ClassifierOutput on E + δ; ``replay`` gives a
-        forward of this pass the step's dropout masks (``with replay.same_masks(): ...``)."""
+        forward of this pass the step's dropout masks (``with replay.same_masks(): ...``); ``loss_C`` is the
+        pass's L_C (e.g. to balance a weight against its gradient)."""
         return NOTHING
+
+    def after_evaluate(self, step: int, accuracy: float):
+        """Called after each evaluation with the selection accuracy (validation, else dev), alike on every
+        process (e.g. CARL's plateau start)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold beyond the model and optimiser."""
@@ -60,3 +69,16 @@ class ObjectiveTerm:
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]):
         """The inverse of ``state_tensors`` on resume."""
+
+
+def balanced_weight(model, loss_C: torch.Tensor, loss: torch.Tensor, ratio: float, cap: float) -> float:
+    """The weight w at which ‖∇(w·loss)‖ = ratio · ‖∇L_C‖ over the model's parameters, capped at ``cap`` (the
+    paper's fixed weight): a term whose gradient dwarfs L_C's (L_D ≈ 49 × at CARL's start on MiniLM, GUIDE §2) is
+    scaled down to the ratio, one that does not keeps the paper's weight. Two extra backward passes of one pass's
+    graph (kept for the training backward)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for value in (loss_C, loss):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item())
+    return min(cap, ratio * norms[0] / max(norms[1], 1e-12))

@@ -1,0 +1,57 @@
+"""The converged protocol's machinery: a trunk trained once per seed, branches from its checkpoint, variants."""
+
+import json
+
+import yaml
+
+from carlrar.cli import main
+from carlrar.reproduce import Protocol, run_configs
+
+
+def write_branch_protocol(path, tiny_model_dir, toy_files):
+    toy = {"model": str(tiny_model_dir), "train_file": str(toy_files["train"]), "dev_file": str(toy_files["dev"]),
+           "text_column": "sentence", "eval_steps": 2, "batch_size": 8, "lr": 1e-3, "carl_negatives": 8,
+           "lr_schedule": "constant", "warmup_ratio": 0.0, "validation_size": 16, "diagnostics_steps": 2}
+    path.write_text(yaml.safe_dump({
+        "methods": ["freelb", "carl", "base", "rar-scratch"], "datasets": ["toy"], "seeds": [0],
+        "trunk": {"method": "freelb", "max_steps": 4}, "branch_steps": 2, "branches": ["freelb", "carl"],
+        "variants": {"rar-scratch": {"method": "rar", "rar_warmup_steps": 2}},
+        "train": {}, "datasets_overrides": {"toy": toy}, "attack": {"eps": [0.1], "steps": 2, "distance_alphas": []}}))
+    return path
+
+
+def test_branch_configs_start_from_the_trunk_with_the_same_steps_in_all(tiny_model_dir, toy_files, tmp_path):
+    protocol = Protocol.load(str(write_branch_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)))
+    assert protocol.grid()[:2] == [("toy", "trunk", 0), ("toy", "freelb", 0)]
+    trunk, *_ = run_configs(protocol, "toy", "trunk", 0, tmp_path / "m", {})
+    carl = run_configs(protocol, "toy", "carl", 0, tmp_path / "m", {})
+    scratch = run_configs(protocol, "toy", "rar-scratch", 0, tmp_path / "m", {})
+    assert (trunk.max_steps, trunk.init_from) == (4, None)
+    assert carl[0].max_steps == 6 and carl[0].init_from == str(tmp_path / "m" / "toy-trunk-s0")
+    assert carl[2].carl_start_step == 4  # L_D from the branch step
+    assert scratch[0].method == "rar" and scratch[0].max_steps == 6 and scratch[0].init_from is None
+    assert scratch[2].rar_warmup_steps == 2
+
+
+def test_trunk_is_trained_once_and_branches_record_their_branch_point(tiny_model_dir, toy_files, tmp_path,
+                                                                     monkeypatch):
+    import carlrar.train
+
+    protocol = write_branch_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)
+    results = tmp_path / "results"
+    trained = []
+    real = carlrar.train.train
+    monkeypatch.setattr(carlrar.train, "train", lambda *c, **kw: trained.append(c[0].method) or real(*c, **kw))
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    assert trained == ["freelb", "freelb", "carl", "base", "rar"]  # the trunk once, then every run
+    assert (results / "trunks" / "toy-trunk-s0.json").exists() and not (results / "runs" / "toy-trunk-s0.json").exists()
+    assert (results / "models" / "toy-trunk-s0" / "checkpoint").exists()  # kept for the branches
+    carl = json.loads((results / "runs" / "toy-carl-s0.json").read_text())
+    assert carl["branch"] == {"trunk": "toy-trunk-s0", "step": 4} and carl["final"]["steps"] == 6
+    assert [c["step"] for c in carl["trunk_curves"]] == [2, 4] and [c["step"] for c in carl["curves"]] == [6]
+    assert carl["final"]["best_step"] == 6 and "validation" in carl["final"]
+    assert any("grad_D" in d for d in carl["diagnostics"])
+    base = json.loads((results / "runs" / "toy-base-s0.json").read_text())
+    assert "branch" not in base and base["final"]["steps"] == 6
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])  # all done: nothing retrained
+    assert len(trained) == 5

@@ -1,0 +1,166 @@
+"""``carlrar report`` on synthetic run JSONs: Table 4 (projected k-PGD at ε = α), the cos bootstrap, variant names,
+the Diagnostics section and the figures of diagnostics and branch runs, each against hand-computed values."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+import carlrar.report
+from carlrar.report import (Grid, aux_start, bootstrap_tables, diagnostics_section, grouped, paired_bootstrap, table2,
+                            table4, table4b, tables)
+
+EPS = (0.02, 0.075, 0.1)
+
+
+def make_run(method, seed, *, cos=None, n=20, attack_cos=None, config=None, **extra):
+    """A run JSON as ``carlrar reproduce`` writes it. ``cos``: per-example cos(R, R^adv) (every ε alike);
+    ``attack_cos``: ε → mean_cos of the projected attack (default 0.9)."""
+    cos = list(np.linspace(0.5, 0.9, n)) if cos is None else list(cos)
+    attack_cos = attack_cos or {}
+    return {"name": f"toy-{method}-s{seed}", "dataset": "toy", "method": method, "seed": seed, "seconds": 1.0,
+            "config": {"method": method, **(config or {})},
+            "final": {"steps": 300, "parameters": 1000, "train_seconds": 10.0, "dev": {"accuracy": 0.8}},
+            "attack": {"n": n, "clean_accuracy": 0.8, "steps": 10, "norm": "l2", "init_mag": 0.0,
+                       "attacks": [{"eps": e, "step_size": e / 4, "mean_cos": attack_cos.get(e, 0.9),
+                                    "mean_euclid": 10 * e, "accuracy": 0.7} for e in EPS],
+                       "distances": [{"alpha": 0.1, "step_size": 0.1, "mean_cos": -0.5, "mean_euclid": 15.0}]},
+            "per_example": {"clean_correct": [1, 0] * (n // 2),
+                            "attacks": [{"eps": e, "correct": [1, 0] * (n // 2), "cos": cos} for e in EPS],
+                            "distances": [{"alpha": 0.1, "cos": cos}]},
+            "curves": [{"step": s, "train_loss": 1 / s, "dev_accuracy": 0.5 + s / 1000} for s in (100, 200, 300)],
+            **extra}
+
+
+def grid(runs, n_seeds=2):
+    return Grid(grouped(runs), n_seeds)
+
+
+def row(lines, name):
+    return next(line for line in lines if line.startswith(f"| {name} |"))
+
+
+def test_table4_is_the_projected_attack_at_eps_alpha():
+    runs = [make_run("freelb", 0), make_run("freelb", 1),
+            make_run("carl", 0, attack_cos={0.1: 0.89, 0.075: 0.95, 0.02: 0.1}),
+            make_run("carl", 1, attack_cos={0.1: 0.91, 0.075: 0.97, 0.02: 0.1})]
+    lines = table4(grid(runs), "toy")
+    assert lines[1].startswith("## Table 4 (toy):") and "projected to radius α" in lines[1]
+    assert lines[3] == "| method | α=0.1 cos | α=0.1 Euclid | α=0.075 cos | α=0.075 Euclid |"  # not ε = 0.02
+    # mean ± sample std of (0.89, 0.91) and of (0.95, 0.97): 0.90 ± 0.0141, 0.96 ± 0.0141; Euclid 10 ε
+    assert row(lines, "CARL") == "| CARL | 0.9000 ± 0.0141 | 1.000 ± 0.000 | 0.9600 ± 0.0141 | 0.750 ± 0.000 |"
+    assert row(lines, "FreeLB") == "| FreeLB | 0.9000 ± 0.0000 | 1.000 ± 0.000 | 0.9000 ± 0.0000 | 0.750 ± 0.000 |"
+    extra = table4b(grid(runs), "toy")  # the unprojected distances, named as not the paper's
+    assert "## Table 4b (toy, extra, not the paper's definition): unprojected 10 steps of size α" in extra[1]
+    assert row(extra, "CARL") == "| CARL | -0.5000 ± 0.0000 | 15.000 ± 0.000 |"
+
+
+def test_table4_without_the_papers_alphas_shows_every_eps():
+    run = make_run("carl", 0, attack_cos={0.02: 0.99})
+    run["attack"]["attacks"] = run["attack"]["attacks"][:1]
+    lines = table4(grid([run], 1), "toy")
+    assert "neither of the paper's α" in "\n".join(lines)
+    assert row(lines, "CARL") == "| CARL | 0.9900 | 0.200 |"
+
+
+def test_cos_bootstrap_of_a_constant_shift_and_every_variant_in_order(monkeypatch):
+    monkeypatch.setattr(carlrar.report, "paired_bootstrap", functools.partial(paired_bootstrap, n_boot=500))
+    cos = np.linspace(0.2, 0.9, 20)
+    runs = [make_run(m, s, cos=cos + shift) for s in (0, 1)
+            for m, shift in (("freelb", 0.0), ("carl", 0.0), ("carl-ratio", 0.05), ("rar-scratch", -0.1), ("base", 0))]
+    lines = bootstrap_tables(grid(runs), "toy")
+    cos_table = lines[lines.index(next(line for line in lines if "cos(R, R^adv) difference" in line)):]
+    # every draw resamples the same examples for both, and the seeds agree: each draw's difference is the shift
+    assert row(cos_table, "carl-ratio − FreeLB") == ("| carl-ratio − FreeLB | +0.0500 [+0.0500, +0.0500] | "
+                                                     "+0.0500 [+0.0500, +0.0500] | +0.0500 [+0.0500, +0.0500] |")
+    assert row(cos_table, "rar-scratch − FreeLB").startswith("| rar-scratch − FreeLB | -0.1000 [-0.1000, -0.1000] |")
+    comparisons = [line.split(" | ")[0][2:] for line in cos_table if " − FreeLB" in line]
+    assert comparisons == ["Fine-tune − FreeLB", "CARL − FreeLB", "carl-ratio − FreeLB", "rar-scratch − FreeLB"]
+    accuracy_rows = [line.split(" | ")[0][2:] for line in lines[:lines.index(cos_table[0])] if " − FreeLB" in line]
+    assert accuracy_rows == comparisons  # the accuracy bootstrap compares the same methods
+
+
+def test_cos_bootstrap_ci_excludes_zero_when_seeds_differ():
+    rng = np.random.default_rng(0)
+    common = rng.uniform(0.3, 0.9, 40)  # how hard each example is
+    freelb = [common + rng.normal(0, 0.02, 40) for _ in range(3)]  # seeds differ a little
+    runs = [make_run("freelb", s, cos=c, n=40) for s, c in enumerate(freelb)]
+    runs += [make_run("carl", s, cos=c + 0.05, n=40) for s, c in enumerate(freelb)]
+    lines = bootstrap_tables(grid(runs, 3), "toy")
+    cells = row(lines[-3:], "CARL − FreeLB").split(" | ")[1:]
+    for cell in cells:
+        mean, lo, hi = (float(x) for x in cell.strip(" |").replace("[", "").replace("]", "").replace(",", "").split())
+        assert 0 < lo < mean < hi and mean == pytest.approx(0.05, abs=1e-4)  # seed resampling widens it
+
+
+def diagnostics(start, ratios, cos):
+    """Records every 25 steps from ``start`` − 25: one before the start (excluded), two in the window, one after
+    (excluded); ∇L_C = 2, so ‖∇L_D‖ = 2 × ratio."""
+    inside = [{"step": start + k * 25, "grad_C": 2.0, "grad_D": 2.0 * r, "cos_C_D": c, "clip_factor": 0.5,
+               "grad_norm": 4.0} for k, (r, c) in enumerate(zip(ratios, cos))]
+    return [{"step": start - 25, "grad_C": 2.0, "grad_D": 2000.0, "clip_factor": 0.0}, *inside,
+            {"step": start + 50, "grad_C": 2.0, "grad_D": 2000.0, "cos_C_D": 1.0, "clip_factor": 0.0}]
+
+
+def test_diagnostics_section_median_over_seeds_of_the_window_means():
+    runs = [make_run("carl", 0, config={"carl_start_step": 100}, diagnostics=diagnostics(100, (10, 20), (-0.1, 0.1))),
+            make_run("carl", 1, config={"carl_start_step": 100}, diagnostics=diagnostics(100, (20, 40), (-0.2, -0.2))),
+            make_run("carl", 2, config={"carl_start_step": 100}, diagnostics=diagnostics(100, (40, 40), (0.3, 0.3))),
+            make_run("freelb", 0)]
+    lines = diagnostics_section(grid(runs, 3), "toy")
+    # window means: ratios 15, 30, 40 → median 30; cos 0, -0.2, 0.3 → median 0; clip factor 0.5 throughout
+    assert row(lines, "CARL") == "| CARL | 3 | 100 | 30.00 | +0.000 | – | – | 0.500 |"
+    assert not any(line.startswith("| FreeLB") for line in lines)  # no diagnostics: no row
+    assert diagnostics_section(grid([make_run("freelb", 0)]), "toy") == []  # none anywhere: no section
+
+
+
+def test_report_without_diagnostics_has_no_such_section_or_figure(monkeypatch):
+    monkeypatch.setattr(carlrar.report, "albert_parameter_counts", lambda: {"base": 11, "rar": 12})
+    text = tables({"protocol": {"seeds": [0]}, "runs": {}}, [make_run("freelb", 0), make_run("carl", 0)])
+    assert "## Diagnostics" not in text and "## Table 4 (toy)" in text
+
+
+def test_aux_start_of_carl_and_branch_runs():
+    assert aux_start(make_run("carl", 0, config={"carl_start_step": 0.5})) == 150  # half of final["steps"] = 300
+    assert aux_start(make_run("carl", 0, config={"carl_start_step": 120})) == 120
+    assert aux_start(make_run("carl", 0, config={"carl_start_step": 0.5}, branch={"trunk": "t", "step": 40})) == 40
+    assert aux_start(make_run("freelb", 0)) is None
+
+
+def branch_run(method, seed, trunk_steps=(100, 200), step=200):
+    """A run branched from a FreeLB trunk at ``step``: the trunk's curves up to there, its own after."""
+    run = make_run(method, seed, config={"carl_start_step": 0.5}, branch={"trunk": f"toy-freelb-s{seed}", "step": step},
+                   trunk_curves=[{"step": s, "train_loss": 1 / s, "dev_accuracy": 0.6, "val_accuracy": 0.65}
+                                 for s in trunk_steps],
+                   diagnostics=diagnostics(step, (30, 50), (-0.06, -0.05)))
+    run["curves"] = [{"step": s, "train_loss": 1 / s, "train_loss_D": 3.0, "dev_accuracy": 0.7, "val_accuracy": 0.72}
+                     for s in (250, 300)]
+    run["final"]["validation"] = {"accuracy": 0.72 + seed / 100}
+    return run
+
+
+def test_report_with_diagnostics_branches_and_validation(tmp_path, monkeypatch):
+    monkeypatch.setattr(carlrar.report, "albert_parameter_counts", lambda: {"base": 11, "rar": 12})
+    runs = [make_run("freelb", s, diagnostics=[{"step": 25 * k, "grad_C": 1.0, "grad_norm": 2.0, "clip_factor": 0.5}
+                                              for k in range(1, 5)]) for s in (0, 1)]
+    runs += [branch_run("carl-branch", s) for s in (0, 1)]
+    (tmp_path / "runs").mkdir()
+    for r in runs:
+        (tmp_path / "runs" / f"{r['name']}.json").write_text(json.dumps(r))
+    index = {"command": "test", "protocol": {"seeds": [0, 1]}, "runs": {r["name"]: {"status": "done"} for r in runs}}
+    index["runs"]["toy-trunk-s0"] = {"status": "done", "method": "trunk"}  # trained for the branches, not reported
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    out, pngs = carlrar.report.write_report(tmp_path)
+    assert {p.name for p in pngs} == {"accuracy_vs_eps.png", "training_curves_toy.png", "cos_histogram_toy.png",
+                                      "diagnostics_toy.png"}
+    for p in pngs:
+        assert p.stat().st_size > 10_000, p
+    report = out.read_text()
+    assert "Runs: 4 finished of 4 in the grid" in report
+    # window [200, 250) of the branch: ratios 30, 50 → 40 for both seeds
+    assert "| carl-branch | 2 | 200 | 40.00 | -0.055 | – | – | 0.500 |" in report
+    assert "| FreeLB | 2 | 0 | – | – | – | – | 0.500 |" in report
+    assert row(table2(grid(runs)), "carl-branch") == "| carl-branch | 80.00 ± 0.00 | 72.50 ± 0.71 | +0.00 |"
+    assert "validation acc (selection)" in report
