@@ -102,14 +102,14 @@ def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale:
                 logs[k] = logs.get(k, 0.0) + v
         if diagnose and t == n - 1:
             logs.update({f"diag/{k}": v for k, v in term_gradients(model, raw).items()})
-        grad = None
+        ascent_grad = None
         if held_out and t < n - 1:  # δ ascends only the terms of the inner max (e.g. Eq. 7's: L_C alone)
-            (grad,) = torch.autograd.grad(loss / n + ascending, delta, retain_graph=True)
+            (ascent_grad,) = torch.autograd.grad(loss / n + ascending, delta, retain_graph=True)
         backward((loss / n + extra) * scale)
         logs["loss"] += loss.item() / n
         if t < n - 1:
-            delta = ascent_step(delta, delta.grad if grad is None else grad, mask, adv.adv_lr, adv.adv_max_norm,
-                                adv.adv_norm)
+            ascent_grad = delta.grad if ascent_grad is None else ascent_grad
+            delta = ascent_step(delta, ascent_grad, mask, adv.adv_lr, adv.adv_max_norm, adv.adv_norm)
     for update in updates:
         update()
     return logs
