@@ -143,3 +143,28 @@ def test_search_prunes_a_trial_below_the_median(tmp_path, monkeypatch):
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     assert study.trials[3].last_step == 2  # stopped at its first evaluation past the warm-up
+
+
+def test_search_over_carl_knobs_chooses_on_validation(tmp_path, monkeypatch):
+    """The new knobs are searchable (categorical ones too) and the objective is the validation accuracy."""
+    import carlrar.train
+    from carlrar.config import TrainConfig
+    from carlrar.errors import UserError
+    from carlrar.methods import AdversarialConfig, ContrastiveConfig
+    from carlrar.search import search
+
+    seen = []
+
+    def fake_train(cfg, adv, carl, on_evaluate):  # validation prefers the projection; dev the opposite
+        seen.append((carl.carl_proj_dim, carl.carl_start_rule))
+        val = 0.9 if carl.carl_proj_dim else 0.6
+        on_evaluate(2, val)
+        return {"dev": {"accuracy": 1.5 - val}, "validation": {"accuracy": val}}
+
+    monkeypatch.setattr(carlrar.train, "train", fake_train)
+    configs = (TrainConfig(method="carl", validation_size=8), AdversarialConfig(), ContrastiveConfig())
+    study = search(configs, tmp_path / "study", trials=4, sampler="grid", names=["carl_proj_dim", "carl_start_rule"])
+    assert sorted(seen) == [(0, "plateau"), (0, "step"), (128, "plateau"), (128, "step")]
+    assert study.best_value == 0.9 and study.best_params["carl_proj_dim"] == 128
+    with pytest.raises(UserError, match="no option rar_weight"):
+        search(configs, tmp_path / "other", trials=1, names=["rar_weight"])

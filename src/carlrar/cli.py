@@ -232,7 +232,7 @@ def cmd_report(argv: list[str]):
 def cmd_search(argv: list[str]):
     from carlrar.config import TrainConfig, parse_args
     from carlrar.methods import METHODS, config_classes
-    from carlrar.search import TABLE_8, search
+    from carlrar.search import SPACE, TABLE_8, search
 
     p = ArgumentParser(prog="carlrar search", description="Optuna search over the paper's Table 8 bounds "
                        "(γ, α, ε, n), objective dev accuracy, resumable (SQLite); other options as carlrar train",
@@ -240,7 +240,8 @@ def cmd_search(argv: list[str]):
     p.add_argument("--study-dir", required=True, help="folder for study.db, one folder per trial, best.yaml")
     p.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (default 20)")
     p.add_argument("--sampler", choices=["tpe", "grid"], default="tpe")
-    p.add_argument("--params", default=",".join(TABLE_8), help=f"which to search (default {','.join(TABLE_8)})")
+    p.add_argument("--params", default=",".join(TABLE_8), help=f"which to search, of {', '.join(SPACE)} "
+                   f"(default Table 8's {','.join(TABLE_8)})")
     p.add_argument("--search-seed", type=int, default=0, help="the sampler's seed")
     if argv in (["-h"], ["--help"]):
         p.print_help()
@@ -258,8 +259,8 @@ def cmd_search(argv: list[str]):
     names = [n.strip() for n in args.params.split(",") if n.strip()]
     study = search(configs, Path(args.study_dir), args.trials, args.sampler, names, args.search_seed)
     best = study.best_trial
-    print(f"best trial {best.number}: dev accuracy {best.value:.4f} with "
-          + ", ".join(f"{k} {v:.4g}" for k, v in best.params.items()))
+    print(f"best trial {best.number}: selection accuracy {best.value:.4f} with "
+          + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()))
     print(f"best configuration written to {Path(args.study_dir) / 'best.yaml'} "
           f"(carlrar train --config {Path(args.study_dir) / 'best.yaml'})", file=sys.stderr)
 

@@ -1,6 +1,9 @@
-"""``carlrar search``: hyperparameter search over the paper's Table 8 bounds with Optuna, objective dev accuracy.
+"""``carlrar search``: hyperparameter search with Optuna over the paper's Table 8 bounds and the CARL / RAR knobs;
+objective: the best selection accuracy (validation when ``--validation_size`` carves one, else dev).
 
 Table 8: γ (adv_init_mag) ∈ [0, 0.8], α (adv_lr) ∈ [0.01, 0.2], ε (adv_max_norm) ∈ [0, 0.5], n (adv_steps) ∈ [2, 4].
+Beyond it (``SPACE``): the learning rate, CARL's weight ratio, τ, projection and start rule, RAR's weight and weight
+ratio: tune FreeLB's own knobs with as many trials as the method's, so the baseline is tuned as hard.
 The study lives in STUDY_DIR/study.db (SQLite), so a search stopped at any point continues where it was: a trial
 killed mid-run is detected by its missing heartbeat, retried with the same parameters, and its training resumes from
 the killed trial's checkpoint. Trials report dev accuracy at each evaluation; the median pruner stops bad ones.
@@ -26,12 +29,30 @@ TABLE_8 = {
 }
 
 
+# name → (low, high, log scale, grid points), or (None, None, None, choices) for a categorical knob
+SPACE = {
+    **TABLE_8,
+    "lr": (1e-5, 1e-4, True, [1e-5, 2e-5, 5e-5, 1e-4]),
+    "carl_weight_ratio": (0.1, 10.0, True, [0.25, 1.0, 4.0]),
+    "carl_temperature": (0.03, 0.5, True, [0.05, 0.07, 0.2]),
+    "carl_proj_dim": (None, None, None, [0, 128]),
+    "carl_start_rule": (None, None, None, ["step", "plateau"]),
+    "rar_weight": (0.01, 0.3, True, [0.01, 0.03, 0.1, 0.3]),
+    "rar_weight_ratio": (0.1, 10.0, True, [0.25, 1.0, 4.0]),
+    "rar_ascent": (None, None, None, ["total", "classification"]),
+}
+
+
 def suggest(trial, names: list[str]) -> dict:
     params = {}
     for name in names:
-        low, high, log, _ = TABLE_8[name]
-        params[name] = (trial.suggest_int(name, low, high) if isinstance(low, int)
-                        else trial.suggest_float(name, low, high, log=log))
+        low, high, log, grid = SPACE[name]
+        if low is None:
+            params[name] = trial.suggest_categorical(name, grid)
+        elif isinstance(low, int):
+            params[name] = trial.suggest_int(name, low, high)
+        else:
+            params[name] = trial.suggest_float(name, low, high, log=log)
     return params
 
 
@@ -42,7 +63,7 @@ def make_study(study_dir: Path, sampler: str, names: list[str], seed: int):
         f"sqlite:///{study_dir / 'study.db'}", heartbeat_interval=30, grace_period=90,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
     if sampler == "grid":
-        chosen = optuna.samplers.GridSampler({n: TABLE_8[n][3] for n in names}, seed=seed)
+        chosen = optuna.samplers.GridSampler({n: SPACE[n][3] for n in names}, seed=seed)
     else:
         chosen = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
@@ -59,12 +80,12 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
     from carlrar.train import train
 
     names = names or list(TABLE_8)
-    unknown = [n for n in names if n not in TABLE_8]
+    unknown = [n for n in names if n not in SPACE]
     if unknown:
-        raise UserError(f"--params: {', '.join(unknown)} not searchable (choose from {', '.join(TABLE_8)})")
-    if not any(hasattr(c, names[0]) for c in configs[1:]):
-        raise UserError(f"--method {configs[0].method} has no adversarial options to search; use freelb, carl, "
-                        "rar or carl-rar")
+        raise UserError(f"--params: {', '.join(unknown)} not searchable (choose from {', '.join(SPACE)})")
+    foreign = [n for n in names if not any(hasattr(c, n) for c in configs)]
+    if foreign:
+        raise UserError(f"--method {configs[0].method} has no option {', '.join(foreign)} to search")
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -79,12 +100,13 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
         out = study_dir / f"trial-{trial.number if number is None else number}"
         run = tuple(dataclasses.replace(c, **{k: v for k, v in params.items() if hasattr(c, k)}) for c in configs)
         run = (dataclasses.replace(run[0], output_dir=str(out), overwrite=False), *run[1:])
-        print(f"── trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" for k, v in params.items()), file=sys.stderr)
+        print(f"── trial {trial.number}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in params.items()), file=sys.stderr)
 
         def report(step: int, accuracy: float):
             trial.report(accuracy, step)
             if trial.should_prune():
-                print(f"   pruned at step {step} (dev accuracy {accuracy:.4f})", file=sys.stderr)
+                print(f"   pruned at step {step} (selection accuracy {accuracy:.4f})", file=sys.stderr)
                 raise optuna.TrialPruned()
 
         try:
@@ -96,7 +118,7 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
             raise optuna.TrialPruned() from None
         trial.set_user_attr("output_dir", str(out))
         trial.set_user_attr("config", to_dict(*run))
-        return final["dev"]["accuracy"]
+        return (final.get("validation") or final["dev"])["accuracy"]  # choices on validation when there is one
 
     done = sum(t.state in finished for t in study.trials)
     if done < trials:
