@@ -126,3 +126,13 @@ def test_diagnostics_are_logged_every_k_steps_with_each_terms_gradient(tiny_mode
     later = [m for m in metrics if "train_carl_weight" in m]
     assert later and all(0 < m["train_carl_weight"] <= 1.0 for m in later)
     assert all(0 <= m["train_neg_above_pos"] <= 1 for m in later)
+
+
+def test_plateau_start_in_a_run_fills_the_banks_after_the_stall(tiny_model_dir, toy_files, tmp_path):
+    out = tmp_path / "plateau"
+    train(cfg_for(tiny_model_dir, toy_files, out, method="carl", max_steps=8, eval_steps=2, lr=1e-5),
+          AdversarialConfig(), ContrastiveConfig(carl_start_rule="plateau", carl_plateau_patience=1, carl_negatives=8))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    started = [r["step"] for r in records if "train_loss_D" in r]
+    stalled = next(r["step"] for a, r in zip(records, records[1:]) if r["dev_accuracy"] <= a["dev_accuracy"])
+    assert started and started[0] == stalled + 2  # L_D from the first step after the stall was seen
