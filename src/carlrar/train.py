@@ -40,12 +40,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Everything that can fail on bad input happens before the output directory is touched.
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
-                      cfg.text_column, cfg.label_column)
-    val_split, train_split = None, ds.split("train")
-    if cfg.validation_size:  # choices on validation, carved before the subset: the same examples for every seed
-        val_split, train_split = carve_validation(train_split, cfg.validation_size)
-    train_split = subset(train_split, cfg.train_subset, cfg.seed)
+    ds, train_split, val_split = load_splits(cfg)
     tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
@@ -80,14 +75,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     run = Run(cfg, accelerator, model, method, tokenizer, ds, dev_data, out, total_steps, steps_per_epoch,
               say=(lambda msg: tqdm.write(msg, file=sys.stderr)) if main else (lambda msg: None),
               on_evaluate=on_evaluate, val_data=EncodedSplit(val_split, tokenizer, cfg.max_length) if val_split else None)
-    state = run.state
-    if resuming:
-        run.state = state = resume(accelerator, out, model, method, state)
-        run.say(f"resuming {out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
-    elif cfg.init_from:
-        run.state = state = init_from_run(accelerator, Path(cfg.init_from), config, model, optimizer, state,
-                                          cfg.init_weights_only)
-        run.say(f"starting from {cfg.init_from} at step {state['step']}")
+    state = run.state = start_state(run, resuming, config, optimizer)
     meter = ThroughputMeter(model.config, measure_matmul_peak())
     run.say(f"{cfg.method} · {cfg.model} ({count_parameters(model):,} parameters) · {ds.name} train "
             f"{len(train_data):,} / dev {len(dev_data):,} · {total_steps} steps of "
@@ -134,12 +122,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if skip_nonfinite(run, nonfinite + ([] if torch.isfinite(norm) else ["gradient"])):
                 optimizer.zero_grad(set_to_none=True)  # skipped: no update from this batch
-            clip = {"grad_norm": norm.item(), "clip_factor": min(1.0, cfg.grad_clip / max(norm.item(), 1e-12))
-                    if cfg.grad_clip > 0 else 1.0}
-            for k, v in clip.items():
-                since.setdefault(k, []).append(v)
-            if diagnostics and main:
-                write_diagnostics(out, {"step": state["step"], **diagnostics, **clip})
+            record_clipping(run, norm.item(), diagnostics, since)
             nonfinite, diagnostics = [], {}
             optimizer.step()
             scheduler.step()
@@ -164,6 +147,17 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             started = time.perf_counter()
     bar.close()
     return finish(run, len(train_data), meter.peak)
+
+
+def load_splits(cfg: TrainConfig):
+    """The dataset, the training split (without the validation examples, then ``--train_subset``) and the
+    validation split (None without ``--validation_size``)."""
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file,
+                      cfg.text_column, cfg.label_column)
+    val_split, train_split = None, ds.split("train")
+    if cfg.validation_size:  # choices on validation, carved before the subset: the same examples for every seed
+        val_split, train_split = carve_validation(train_split, cfg.validation_size)
+    return ds, subset(train_split, cfg.train_subset, cfg.seed), val_split
 
 
 @dataclass
@@ -219,11 +213,30 @@ def skip_nonfinite(run: Run, nonfinite: list[str]) -> bool:
     return True
 
 
-def write_diagnostics(out: Path, record: dict):
-    """One line of diagnostics.jsonl: the step's per-term gradient norms and cosines (carlrar.diagnostics), the
-    gradient norm before clipping and the clip factor."""
-    with open(out / "diagnostics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+def start_state(run: Run, resuming: bool, config: dict, optimizer) -> dict:
+    """The loop's state: fresh, resumed from this run's checkpoint, or continued from another run's
+    (``--init_from``)."""
+    cfg, state = run.cfg, run.state
+    if resuming:
+        state = resume(run.accelerator, run.out, run.model, run.method, state)
+        run.say(f"resuming {run.out} from step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
+    elif cfg.init_from:
+        state = init_from_run(run.accelerator, Path(cfg.init_from), config, run.model, optimizer, state,
+                              cfg.init_weights_only)
+        run.say(f"starting from {cfg.init_from} at step {state['step']}")
+    return state
+
+
+def record_clipping(run: Run, norm: float, diagnostics: dict, since: dict[str, list[float]]):
+    """The gradient norm before clipping and the clip factor, into the evaluation's means; on a diagnostic step,
+    with the per-term gradient diagnostics (carlrar.diagnostics), one line of diagnostics.jsonl."""
+    clip = {"grad_norm": norm, "clip_factor": min(1.0, run.cfg.grad_clip / max(norm, 1e-12))
+            if run.cfg.grad_clip > 0 else 1.0}
+    for k, v in clip.items():
+        since.setdefault(k, []).append(v)
+    if diagnostics and run.accelerator.is_main_process:
+        with open(run.out / "diagnostics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": run.state["step"], **diagnostics, **clip}) + "\n")
 
 
 def log_line(run: Run, window: dict[str, list[float]], meter: ThroughputMeter, lr: float):
