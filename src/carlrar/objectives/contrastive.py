@@ -6,6 +6,9 @@ References: Qiu, Zhang, Zhou, "Improving Gradient-based Adversarial Training for
 Learning and Auto-Encoder" (ACL Findings 2021, https://arxiv.org/abs/2109.06536), Eq. 2–6 and Table 3; the memory
 bank and NCE as in CRD (Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020,
 https://arxiv.org/abs/1910.10699, github.com/HobbitLong/RepDistiller ``crd/memory.py``, ``crd/criterion.py``).
+
+(One file of ~390 lines, a third of them docstrings, on purpose: all of CARL's machinery in one place, as MoCo's
+builder and CRD's memory keep the bank next to the loss it feeds.)
 """
 
 from __future__ import annotations
