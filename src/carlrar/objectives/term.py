@@ -76,9 +76,12 @@ def balanced_weight(model, loss_C: torch.Tensor, loss: torch.Tensor, ratio: floa
     paper's fixed weight): a term whose gradient dwarfs L_C's (L_D ≈ 49 × at CARL's start on MiniLM, GUIDE §2) is
     scaled down to the ratio, one that does not keeps the paper's weight. Two extra backward passes of one pass's
     graph (kept for the training backward)."""
+    from carlrar.distributed import all_mean
+
     params = [p for p in model.parameters() if p.requires_grad]
     norms = []
     for value in (loss_C, loss):
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item())
-    return min(cap, ratio * norms[0] / max(norms[1], 1e-12))
+        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    norm_C, norm = all_mean(torch.stack(norms)).tolist()  # one weight on every process
+    return min(cap, ratio * norm_C / max(norm, 1e-12))
