@@ -23,14 +23,14 @@ def poison(monkeypatch, method: str, at_call: int, where: str):
     """Make the ``at_call``-th training step of ``method`` produce a NaN loss value or a NaN gradient."""
     real, calls = Method.training_step, {"n": 0}
 
-    def step(self, model, batch, backward, scale=1.0, step=0):
+    def step(self, model, batch, backward, scale=1.0, step=0, **kw):
         calls["n"] += 1
         if calls["n"] != at_call:
-            return real(self, model, batch, backward, scale, step)
+            return real(self, model, batch, backward, scale, step, **kw)
         if where == "loss":
-            logs = real(self, model, batch, backward, scale, step)
+            logs = real(self, model, batch, backward, scale, step, **kw)
             return {**logs, "loss": float("nan")}
-        return real(self, model, batch, lambda loss: backward(loss * float("nan")), scale, step)
+        return real(self, model, batch, lambda loss: backward(loss * float("nan")), scale, step, **kw)
 
     monkeypatch.setattr(Method, "training_step", step)
 
