@@ -272,8 +272,9 @@ def evaluate_and_checkpoint(run: Run, since: dict[str, list[float]]):
             save_best(run.model, run.tokenizer, run.out)
         with open(run.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        run.say(f"eval step {state['step']}: " + (f"validation accuracy {val['accuracy']:.4f} · " if val else "")
-                + f"dev accuracy {dev['accuracy']:.4f}{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
+        best = " (best)" if improved else ""  # marks the split the checkpoint is chosen on
+        run.say(f"eval step {state['step']}: " + (f"validation accuracy {val['accuracy']:.4f}{best} · " if val else "")
+                + f"dev accuracy {dev['accuracy']:.4f}{'' if val else best} · dev loss {dev['loss']:.4f}")
     run.method.after_evaluate(state["step"], broadcast_object(state.get("last_accuracy")))  # one decision for all
     save_checkpoint(accelerator, run.out, run.model, run.method, state)
     since.clear()
