@@ -187,5 +187,7 @@ def to_dict(*configs) -> dict:
 
 
 def write_yaml(path: Path, data: dict):
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    from carlrar.ownership import write_whole
+
+    write_whole(Path(path), yaml.safe_dump(data, sort_keys=False))
 

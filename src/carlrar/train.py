@@ -28,6 +28,7 @@ from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
 from carlrar.models import count_parameters, load_classifier, load_tokenizer
+from carlrar.ownership import json_text, release_lock, write_whole
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
 
@@ -236,7 +237,7 @@ def record_clipping(run: Run, norm: float, diagnostics: dict, since: dict[str, l
         since.setdefault(k, []).append(v)
     if diagnostics and run.accelerator.is_main_process:
         with open(run.out / "diagnostics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": run.state["step"], **diagnostics, **clip}) + "\n")
+            fh.write(json_text({"step": run.state["step"], **diagnostics, **clip}) + "\n")
 
 
 def log_line(run: Run, window: dict[str, list[float]], meter: ThroughputMeter, lr: float):
@@ -271,7 +272,7 @@ def evaluate_and_checkpoint(run: Run, since: dict[str, list[float]]):
             state.update(best_accuracy=chosen["accuracy"], best_step=state["step"], best_dev=dev, best_val=val)
             save_best(run.model, run.tokenizer, run.out)
         with open(run.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_text(record) + "\n")
         run.say(f"eval step {state['step']}: " + (f"validation accuracy {val['accuracy']:.4f} · " if val else "")
                 + f"dev accuracy {dev['accuracy']:.4f}{' (best)' if improved else ''} · dev loss {dev['loss']:.4f}")
     run.method.after_evaluate(state["step"], broadcast_object(state.get("last_accuracy")))  # one decision for all
@@ -302,7 +303,8 @@ def finish(run: Run, train_examples: int, peak: float) -> dict:
             test_data = EncodedSplit(run.ds.splits["test"], run.tokenizer, cfg.max_length)
             final["test"] = evaluate_split(load_trained(run.out), test_data, run.ds.label_names,
                                            run.tokenizer.pad_token_id, cfg.eval_batch_size)
-        (run.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        write_whole(run.out / "final_metrics.json", json_text(final, indent=2))
+        release_lock(run.out)
         run.say(f"done: best dev accuracy {state['best_accuracy']:.4f} at step {state['best_step']} · "
                 f"{final['examples_per_s']} ex/s over {final['train_seconds']} s · model in {run.out}")
     return final
