@@ -128,6 +128,7 @@ def write_whole(path: Path, text: str):
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:

@@ -27,7 +27,7 @@ from carlrar.distributed import any_process, average_gradients, broadcast_object
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
-from carlrar.models import count_parameters, load_classifier, load_tokenizer
+from carlrar.models import check_max_length, count_parameters, load_classifier, load_tokenizer
 from carlrar.ownership import json_text, release_lock, write_whole
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
@@ -45,6 +45,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
+    check_max_length(model, tokenizer, cfg.max_length)
     # cpu=True when there is no accelerator: otherwise accelerate ignores torchrun's processes on a CPU-only machine;
     # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already;
     # a long timeout: the other processes wait while the main one evaluates the whole dev set
