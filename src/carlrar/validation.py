@@ -96,6 +96,7 @@ def number(whole: bool = False, low=None, high=None, above=None):
         check_number(name, value, whole, low, high, above)
         return value
 
+    parse.limits = {"whole": whole, "low": low, "high": high, "above": above}  # for tests/test_fuzz_flags.py
     return checks_value(parse)
 
 
@@ -106,6 +107,7 @@ def path(kind: str):
         check_path(text, kind)
         return text
 
+    parse.kind = kind
     return checks_value(parse)
 
 
