@@ -379,7 +379,8 @@ def test_jsonl_row_without_the_label_names_the_key(capsys, tiny_model_dir, tmp_p
 
 def test_a_model_without_a_trained_head_is_named(capsys, tiny_model_dir, files, tmp_path):
     """The tiny model is a bare encoder: evaluating it scores a random head, which the user is told."""
-    main(["evaluate", "--model", str(tiny_model_dir), "--file", str(files["dev"]), "--output", str(tmp_path / "e.json")])
+    main(["evaluate", "--model", str(tiny_model_dir), "--file", str(files["dev"]),
+          "--output", str(tmp_path / "e.json")])
     warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(warnings) == 1 and "classifier.weight" in warnings[0] and "random" in warnings[0]
 

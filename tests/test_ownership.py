@@ -172,3 +172,18 @@ def test_two_runs_racing_for_one_fresh_directory(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_one_reproduce_per_results_folder(capsys, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr("carlrar.data.load_dataset", lambda *a, **kw: None)  # the data is not the point here
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(results / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_cli(capsys, ["reproduce", "--results", str(results), "--protocol", "cpu"])
+        assert code == 2 and err.count("\n") == 1 and f"PID {holder.pid}" in err, err
+        assert not (results / "index.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from carlrar.errors import UserError
-from carlrar.validation import SEED_MAX, check_path, checks_value, number, path, text
+from carlrar.validation import SEED_MAX, check_path, checks_value, number, parsed, path, text
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -340,16 +340,6 @@ def _floats(values: str, name: str) -> list[float]:
         raise UserError(f"{name} = {values!r}: expected comma-separated numbers") from None
 
 
-def _parsed(kind: type):
-    """A number parsed as ``kind``, whose range AttackConfig checks."""
-    def parse(value: str, name: str):
-        try:
-            return kind(value)
-        except ValueError:
-            raise UserError(f"{name} = {value!r}: expected a {'whole ' if kind is int else ''}number") from None
-
-    return checks_value(parse)
-
 
 def _attack_args(p: ArgumentParser, *names: str, **defaults):
     """Flags from the fields of ``AttackConfig`` (those in ``names``; all without), help from their metadata;
@@ -359,7 +349,7 @@ def _attack_args(p: ArgumentParser, *names: str, **defaults):
     hints = typing.get_type_hints(AttackConfig)
     for f in [f for f in dataclasses.fields(AttackConfig) if not names or f.name in names]:
         default = defaults.get(f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
-        parse = {list[float]: _floats, float | None: _parsed(float), int: _parsed(int)}.get(hints[f.name], text)
+        parse = {list[float]: _floats, float | None: parsed(float), int: parsed(int)}.get(hints[f.name], text)
         shown = ",".join(f"{x:g}" for x in default) if isinstance(default, list) else default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=parse, default=default, choices=f.metadata.get("choices"),
                        help=f.metadata["help"] + ("" if default is None else f" (default {shown})"))

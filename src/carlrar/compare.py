@@ -31,7 +31,8 @@ def read_result(path: Path, keys: tuple[str, ...]) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({getattr(e, 'strerror', None) or getattr(e, 'msg', None) or e})") from None
+        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or e
+        raise UserError(f"{path}: unreadable ({why})") from None
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
         raise UserError(f"{path}: no {missing[0]!r} (not written by carlrar)")

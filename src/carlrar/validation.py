@@ -21,11 +21,14 @@ SEED_MAX = 2**32 - 1  # numpy's seeds (set_seed) stop here
 def number_problem(value, whole: bool, low=None, high=None, above=None) -> str | None:
     """Why ``value`` is not a number of the kind and range, or None. ``low`` / ``high`` inclusive, ``above``
     exclusive."""
-    kind, show = ("a whole number" if whole else "a finite number"), lambda x: f"{x}" if isinstance(x, int) else f"{x:g}"
+    kind = "a whole number" if whole else "a finite number"
+    show = lambda x: f"{x}" if isinstance(x, int) else f"{x:g}"  # noqa: E731  (2**32 - 1 in full, 1e-06 short)
     if low is not None and high is not None:
         wanted = f"{kind} in [{show(low)}, {show(high)}]"
+    elif above is not None or low is not None:
+        wanted = f"{kind} > {show(above)}" if above is not None else f"{kind} ≥ {show(low)}"
     else:
-        wanted = f"{kind} > {show(above)}" if above is not None else f"{kind} ≥ {show(low)}" if low is not None else kind
+        wanted = kind
     if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
         return f"must be {wanted}"
     if not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above) \
@@ -97,6 +100,18 @@ def number(whole: bool = False, low=None, high=None, above=None):
         return value
 
     parse.limits = {"whole": whole, "low": low, "high": high, "above": above}  # for tests/test_fuzz_flags.py
+    return checks_value(parse)
+
+
+def parsed(kind: type):
+    """A number parsed as ``kind``, whose range a config dataclass checks (the attack's knobs: AttackConfig)."""
+
+    def parse(value: str, name: str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"{name} = {value!r}: expected a {'whole ' if kind is int else ''}number") from None
+
     return checks_value(parse)
 
 
