@@ -150,7 +150,7 @@ def check(config):
         if f.name.endswith(("_file", "_dir")) and f.name not in paths:
             raise TypeError(f"{type(config).__name__}.{f.name}: declare its path kind in LIMITS")
         if f.name in paths:
-            check_path(value, paths[f.name])
+            check_path(value, paths[f.name], f.name)
 
 
 def read_yaml(path: Path) -> dict:

@@ -43,7 +43,7 @@ def check_number(name: str, value, whole: bool, low=None, high=None, above=None)
         raise UserError(f"{name} = {value!r}: {problem}")
 
 
-def path_problem(value: str, kind: str) -> str | None:
+def path_problem(value: str, kind: str, name: str = "") -> str | None:
     """Why ``value`` is not a path of ``kind``, or None. Kinds: file (an existing file), dir (an existing folder),
     new_file (a file to write), new_dir (a folder to write; missing folders are made, in a writable folder),
     model (a hub name, or an existing local folder), run (a folder, once it exists)."""
@@ -66,7 +66,7 @@ def path_problem(value: str, kind: str) -> str | None:
             return "is a file, expected a directory"
         existing = next(a for a in (p, *p.absolute().parents) if a.exists())
         if existing != p and not existing.is_dir():
-            return f"{existing} is a file, so no folder can be made in it"
+            return f"cannot create the {name + ' ' if name else ''}folder: {existing} is a file"
         return _writable(existing)
     raise ValueError(f"unknown path kind {kind!r}")
 
@@ -75,8 +75,8 @@ def _writable(p: Path) -> str | None:
     return None if os.access(p, os.W_OK) else f"cannot write to {p} (no permission or a read-only file system)"
 
 
-def check_path(value: str | None, kind: str):
-    problem = value is not None and path_problem(str(value), kind)
+def check_path(value: str | None, kind: str, name: str = ""):
+    problem = value is not None and path_problem(str(value), kind, name)
     if problem:
         raise UserError(f"{value}: {problem}")
 
@@ -119,7 +119,7 @@ def path(kind: str):
     """A path of ``kind`` (see ``path_problem``)."""
 
     def parse(text: str, name: str):
-        check_path(text, kind)
+        check_path(text, kind, name)
         return text
 
     parse.kind = kind
