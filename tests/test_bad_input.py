@@ -1,6 +1,7 @@
 """Bad user input: one ``error: ...`` line on stderr naming what and where, exit status 2, no traceback, and
 nothing written to the output directory. Every case fails while reading data or configuration, before training."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,156 @@ def test_augment_bad_samples(capsys, tmp_path, content, expected):
     msg = user_error(capsys, ["augment", "--samples", str(path), "--output", str(tmp_path / "aug.tsv")])
     assert msg == expected.format(path=path)
     assert not (tmp_path / "aug.tsv").exists()
+
+
+# 17 (issue 15) ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, expected", [
+    (("--lr", "nan"), "lr = nan: must be a finite number > 0"),
+    (("--epochs", "inf"), "epochs = inf: must be a finite number ≥ 0"),
+    (("--seed", "-1"), "seed = -1: must be a whole number in [0, 4294967295]"),
+    (("--train_subset", "-5"), "train_subset = -5: must be a whole number ≥ 1"),
+    (("--warmup_ratio", "nan"), "warmup_ratio = nan: must be a finite number in [0, 1]"),
+    (("--adv_lr", "-0.1", "--method", "freelb"), "adv_lr = -0.1: must be a finite number ≥ 0"),
+], ids=["nan-lr", "inf-epochs", "negative-seed", "negative-subset", "nan-warmup", "negative-adv-lr"])
+def test_out_of_range_training_options(capsys, tiny_model_dir, files, out, flags, expected):
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], *flags))
+    assert msg == expected
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict"])
+def test_max_length_beyond_the_models_positions(capsys, tiny_model_dir, files, out, tmp_path, command):
+    """The tiny model has 128 positions."""
+    if command == "train":
+        argv = train_argv(tiny_model_dir, out, "--train_file", files["train"], "--max_length", "512")
+    else:
+        argv = [command, "--model", str(tiny_model_dir), "--file", str(files["dev"]), "--max-length", "512",
+                "--output", str(out / "result.json")]
+    msg = user_error(capsys, argv)
+    assert msg == "max_length = 512: this model takes at most 128 tokens"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    ("evaluate", ("--batch-size", "0"), "batch_size = 0: must be a whole number ≥ 1"),
+    ("attack", ("--limit", "-1"), "limit = -1: must be a whole number ≥ 1"),
+    ("attack", ("--eps", "nan"), "eps = nan: must be a finite number ≥ 0"),
+    ("predict", ("--max-length", "0"), "max_length = 0: must be a whole number ≥ 2"),
+], ids=["zero-batch", "negative-limit", "nan-eps", "zero-max-length"])
+def test_bad_numbers_fail_before_the_model_loads(capsys, monkeypatch, tmp_path, files, command, flags, expected):
+    monkeypatch.setattr("carlrar.models.load_trained", lambda *a: pytest.fail("the model was loaded"))
+    model = tmp_path / "model"
+    model.mkdir()
+    assert user_error(capsys, [command, "--model", str(model), "--file", str(files["dev"]), *flags]) == expected
+    assert list(model.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, flags, make, expected", [
+    ("evaluate", ("--output",), "dir", "{p}: is a directory, expected a file"),
+    ("augment", ("--samples",), "dir", "{p}: is a directory, expected a file"),
+    ("train", ("--config",), "dir", "{p}: is a directory, expected a file"),
+    ("train", ("--output_dir",), "file", "{p}: is a file, expected a directory"),
+    ("compare", (), "file", "{p}: is a file, expected a directory"),
+], ids=["evaluate-output-dir", "augment-samples-dir", "train-config-dir", "train-output-dir-file", "compare-file"])
+def test_a_path_of_the_wrong_kind(capsys, tiny_model_dir, files, tmp_path, command, flags, make, expected):
+    p = tmp_path / "thing"
+    p.mkdir() if make == "dir" else p.write_text("x")
+    base = {"evaluate": ["--model", str(tiny_model_dir), "--file", str(files["dev"])],
+            "augment": ["--output", str(tmp_path / "aug.tsv")], "compare": [],
+            "train": ["--model", str(tiny_model_dir), "--train_file", str(files["train"])]}[command]
+    assert user_error(capsys, [command, *base, *flags, str(p)]) == expected.format(p=p)
+
+
+def test_output_in_a_missing_folder_is_made(tmp_path):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text('{"text": "a", "generated": "b", "label": "1", "edit_rate": 0.5, "changed": true}\n')
+    main(["augment", "--samples", str(samples), "--output", str(tmp_path / "new" / "deeper" / "aug.tsv")])
+    assert (tmp_path / "new" / "deeper" / "aug.tsv").read_text() == "text\tlabel\nb\t1\n"
+
+
+# 18 (issue 15) ---------------------------------------------------------------------------------------------------
+def test_nul_byte_and_duplicate_columns(capsys, tiny_model_dir, tmp_path, out):
+    train = tmp_path / "train.tsv"
+    train.write_bytes(b"text\tlabel\na wonderful film\t1\nawf\x00ul\t0\n")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
+    assert msg.startswith(f"{train}:3: NUL byte at column 4")
+    train.write_text("text\tlabel\ttext\na\t1\tb\n")
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
+    assert msg == f"{train}:1: column 'text' appears twice (columns 1 and 3)"
+    assert not out.exists()
+
+
+def test_jsonl_row_without_the_label_names_the_key(capsys, tiny_model_dir, tmp_path, out):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "good", "label": "1"}\n{"text": "bad", "label": "0"}\n{"text": "meh"}\n')
+    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
+    assert msg == f"{train}:3: no key 'label' (keys: text)"
+
+
+def test_a_model_without_a_trained_head_is_named(capsys, tiny_model_dir, files, tmp_path):
+    """The tiny model is a bare encoder: evaluating it scores a random head, which the user is told."""
+    main(["evaluate", "--model", str(tiny_model_dir), "--file", str(files["dev"]),
+          "--output", str(tmp_path / "e.json")])
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and "classifier.weight" in warnings[0] and "random" in warnings[0]
+
+
+# 19 (issue 15) ---------------------------------------------------------------------------------------------------
+def test_corrupt_model_weights(capsys, tiny_model_dir, files, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])  # truncated
+    msg = user_error(capsys, ["evaluate", "--model", str(model), "--file", str(files["dev"])])
+    assert msg.startswith(f"cannot load model from {model}: ")
+    assert not list(model.glob("eval_*"))
+
+
+def test_compare_a_truncated_final_metrics(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final_metrics.json").write_text('{"method": "base", "dev": {"accur')
+    assert user_error(capsys, ["compare", str(run)]).startswith(f"{run / 'final_metrics.json'}: unreadable (")
+
+
+def test_augment_a_sample_missing_a_key(capsys, tmp_path):
+    samples, out = tmp_path / "s.jsonl", tmp_path / "aug.tsv"
+    good = '{"text": "a", "generated": "b", "label": "1", "edit_rate": 0.5, "changed": true}'
+    samples.write_text(good + "\n" + good.replace(', "edit_rate": 0.5', "") + "\n")
+    assert user_error(capsys, ["augment", "--samples", str(samples), "--output", str(out)]).startswith(
+        f"{samples}:2: sample has no 'edit_rate'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "ENOSPC", "EACCES"])
+def test_a_failed_write_is_one_line_and_leaves_no_partial_file(capsys, monkeypatch, tmp_path, errno_name):
+    import errno
+
+    samples, out = tmp_path / "s.jsonl", tmp_path / "aug.tsv"
+    samples.write_text('{"text": "a", "generated": "b", "label": "1", "edit_rate": 0.5, "changed": true}\n')
+    real = Path.write_text
+
+    def half_then_fail(self, text, *a, **kw):  # the disk fills (or the mount turns read-only) mid-write
+        real(self, text[: len(text) // 2], *a, **kw)
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    msg = user_error(capsys, ["augment", "--samples", str(samples), "--output", str(out)])
+    assert msg == f"cannot write {out}: {os.strerror(getattr(errno, errno_name))}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl"]  # no aug.tsv, no temporary file
+
+
+def test_attack_results_are_valid_json(tiny_model_dir, files, tmp_path, monkeypatch):
+    """Non-finite numbers in a result (e.g. a NaN distance) are written as null: never NaN, which is not JSON."""
+    import json
+
+    import carlrar.attack
+
+    real = carlrar.attack.attack_split
+    monkeypatch.setattr(carlrar.attack, "attack_split",
+                        lambda *a, **kw: {**real(*a, **kw), "clean_accuracy": float("nan")})
+    out = tmp_path / "a.json"
+    main(["attack", "--model", str(tiny_model_dir), "--file", str(files["dev"]), "--eps", "0.1", "--steps", "1",
+          "--distance-alphas", "", "--output", str(out)])
+    assert json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))["clean_accuracy"] is None

@@ -10,15 +10,15 @@ knobs: the flags of ``carlrar attack`` / ``carlrar generate`` and the ``attack:`
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from carlrar.config import check, config_field
+from carlrar.config import Limits, check, config_field
 from carlrar.data import Collator, EncodedSplit, eval_batches
 from carlrar.errors import UserError
 from carlrar.perturb import ascent_step, init_delta, project
@@ -37,16 +37,12 @@ class AttackConfig:
     distance_alphas: list[float] = field(default_factory=lambda: [0.1, 0.075], metadata={
         "help": "step sizes α of the unprojected R vs R^adv distances, comma-separated (Table 4; '' to skip)"})
 
+    LIMITS: ClassVar[Limits] = Limits(minimum={"eps": 0, "distance_alphas": 0, "init_mag": 0, "steps": 0},
+                                      above={"step_size": 0})
+
     def __post_init__(self):
-        check(self)
         self.eps, self.distance_alphas = _as_list(self.eps), _as_list(self.distance_alphas)
-        for name, value in [*(("eps", e) for e in self.eps), *(("distance_alphas", a) for a in self.distance_alphas),
-                            ("init_mag", self.init_mag)]:
-            _check_number(name, value)
-        if self.step_size is not None:
-            _check_number("step_size", self.step_size, positive=True)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UserError(f"steps = {self.steps!r}: must be a whole number ≥ 0")
+        check(self)
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> AttackConfig:
@@ -64,13 +60,6 @@ class AttackConfig:
 def _as_list(values) -> list:
     """A copy as a list (a config never shares its caller's list); a YAML scalar is a list of one."""
     return list(values) if isinstance(values, (list, tuple)) else [values]
-
-
-def _check_number(name: str, value, positive: bool = False):
-    """A finite number ≥ 0 (> 0 with ``positive``), or a one-line user error naming the option."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and (value > 0 if positive else value >= 0)):
-        raise UserError(f"{name} = {value!r}: must be a finite number {'> 0' if positive else '≥ 0'}")
 
 
 def pgd_attack(model, input_ids, attention_mask, labels, eps: float, steps: int, step_size: float,

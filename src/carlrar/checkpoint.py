@@ -26,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from carlrar.config import write_yaml
 from carlrar.distributed import broadcast_object
 from carlrar.errors import UserError
+from carlrar.ownership import check_ownership, clear_run, hold_lock, mark, write_whole
 
 CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
 # options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
@@ -51,32 +52,33 @@ def yaml_load(path: Path) -> dict:
 
 
 def prepare_output_dir(out: Path, config: dict) -> bool:
-    """Create ``out``; return True when it holds an interrupted run of the same config to resume."""
-    if (out / "carlrar_config.yaml").exists():
-        recover_checkpoint(out)
-        if not (out / CHECKPOINT / STATE).exists() and not (out / "final_metrics.json").exists():
-            shutil.rmtree(out)  # killed before its first checkpoint: nothing to resume
-    if (out / "final_metrics.json").exists() and not config["overwrite"]:
-        raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
-    if (out / CHECKPOINT / STATE).exists() and not config["overwrite"]:
-        saved = yaml_load(out / "carlrar_config.yaml")
-        changed = sorted(k for k in config if k not in RESUME_IGNORES and k in saved and saved[k] != config[k])
-        if changed:
-            raise UserError(f"{out} holds an interrupted run with different settings ({', '.join(changed)}); "
-                            "pass --overwrite or choose another --output_dir")
-        return True
-    if out.exists() and config["overwrite"] and (out / "carlrar_config.yaml").exists():
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a carlrar run; choose another --output_dir")
+    """Claim ``out`` for this run (ownership and lock: ``carlrar.ownership``); return True when it holds an
+    interrupted run of the same config to resume. Nothing is written before the folder is proven carlrar's."""
+    inputs = {k: config.get(k) for k in ("train_file", "dev_file", "test_file")}
+    check_ownership(out, inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to {out}: {e.strerror}") from None
-    return False
+        raise UserError(f"cannot create --output_dir {out}: {e.strerror}") from None
+    hold_lock(out)
+    check_ownership(out, inputs)  # again under the lock: another run may have changed it meanwhile
+    try:
+        mark(out)
+        recover_checkpoint(out)
+        finished, resumable = (out / "final_metrics.json").exists(), (out / CHECKPOINT / STATE).exists()
+        if config["overwrite"] or not (finished or resumable):  # not resumable: killed before its first checkpoint
+            clear_run(out)
+            return False
+    except OSError as e:
+        raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    if finished:
+        raise UserError(f"{out} already holds a finished run; pass --overwrite or choose another --output_dir")
+    saved = yaml_load(out / "carlrar_config.yaml")
+    changed = sorted(k for k in config if k not in RESUME_IGNORES and k in saved and saved[k] != config[k])
+    if changed:
+        raise UserError(f"{out} holds an interrupted run with different settings ({', '.join(changed)}); "
+                        "pass --overwrite or choose another --output_dir")
+    return True
 
 
 def claim_output_dir(out: Path, config: dict, main: bool) -> bool:
@@ -87,6 +89,8 @@ def claim_output_dir(out: Path, config: dict, main: bool) -> bool:
         try:
             outcome = ("resume", prepare_output_dir(out, config))
             write_yaml(out / "carlrar_config.yaml", config)
+        except OSError as e:
+            outcome = ("error", f"cannot write to {out}: {e.strerror or e}")
         except UserError as e:
             outcome = ("error", str(e))
     kind, value = broadcast_object(outcome)
@@ -154,9 +158,17 @@ def resume(accelerator, out: Path, model, method, state: dict) -> dict:
     if accelerator.is_main_process:  # metrics: evaluations after step S; diagnostics: steps S, S + 1, ...
         for name, keep in (("metrics.jsonl", state["step"]), ("diagnostics.jsonl", state["step"] - 1)):
             records = (out / name).read_text().splitlines() if (out / name).exists() else []
-            (out / name).write_text("".join(r + "\n" for r in records if json.loads(r)["step"] <= keep))
+            write_whole(out / name, "".join(r + "\n" for r in records if logged_step(r) <= keep))
     accelerator.wait_for_everyone()
     return state
+
+
+def logged_step(line: str) -> float:
+    """The step of a metrics / diagnostics line; a line torn by a kill or a full disk counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def save_best(model, tokenizer, out: Path):
@@ -164,8 +176,10 @@ def save_best(model, tokenizer, out: Path):
     tmp = out / "best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp, tokenizer)
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
+    names = [f.name for f in tmp.iterdir()]
+    mark(out, names)  # listed before they land: a kill in between leaves them provably carlrar's
+    for name in names:
+        (tmp / name).replace(out / name)
     tmp.rmdir()
 
 

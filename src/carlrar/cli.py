@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import functools
 import json
 import os
 import sys
@@ -17,6 +19,7 @@ import typing
 from pathlib import Path
 
 from carlrar.errors import UserError
+from carlrar.validation import SEED_MAX, check_path, checks_value, number, parsed, path, text
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,6 +29,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+    def add_argument(self, *names, **kwargs):
+        """A checking type of ``carlrar.validation`` learns the option's name, for its one-line error. Every option
+        of every command has one (or ``choices``, or is a switch): tests/test_fuzz_flags.py holds them to it."""
+        rule = kwargs.get("type")
+        if getattr(rule, "checks_value", False):
+            kwargs["type"] = functools.partial(rule, name=names[0].lstrip("-").replace("-", "_"))
+        return super().add_argument(*names, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -66,13 +77,16 @@ def cmd_evaluate(argv: list[str]):
     from carlrar.evaluate import evaluate_split, print_metrics
 
     p = ArgumentParser(prog="carlrar evaluate", description="accuracy, macro-F1, per-class, confusion")
-    p.add_argument("--model", required=True, help="output directory of carlrar train (or any HF classifier)")
+    p.add_argument("--model", required=True, type=path("model"), help="output directory of carlrar train (or any "
+                   "HF classifier)")
     _data_args(p)
-    p.add_argument("--output", help="JSON file for the metrics (default MODEL/eval_<dataset>_<split>.json)")
+    p.add_argument("--output", type=path("new_file"), help="JSON file for the metrics (default "
+                   "MODEL/eval_<dataset>_<split>.json)")
     args = p.parse_args(argv)
+    out = _result_path(args, "eval")
     model, tokenizer, names, data = _model_and_data(args)
     metrics = evaluate_split(model, data, names, tokenizer.pad_token_id, args.batch_size, progress="evaluate")
-    out = _write_result(args, "eval", metrics)
+    _write_result(out, args, metrics)
     print_metrics(metrics, names, f"{args.model} on {_tag(args)}")
     print(f"metrics written to {out}", file=sys.stderr)
 
@@ -82,53 +96,51 @@ def cmd_attack(argv: list[str]):
 
     p = ArgumentParser(prog="carlrar attack", description="k-PGD on the word embeddings: accuracy under attack "
                        "per ε (Table 5) and distances between R and R^adv per step size α (Table 4)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, type=path("model"))
     _data_args(p)
     _attack_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="attack only a seeded random subset of this many examples")
-    p.add_argument("--output", help="JSON file (default MODEL/attack_<dataset>_<split>.json)")
+    _subset_args(p, "attack only a seeded random subset of this many examples")
+    p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json)")
     args = p.parse_args(argv)
-    attack = _attack_config(args)  # bad knobs fail before the model loads
+    attack, out = _attack_config(args), _result_path(args, "attack")  # bad knobs fail before the model loads
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
     result = run_attack(model, data, tokenizer.pad_token_id, attack, args.batch_size, args.seed)
-    out = _write_result(args, "attack", result)
+    _write_result(out, args, result)
     print_attack(result, f"{args.model} on {_tag(args)}")
     print(f"results written to {out}", file=sys.stderr)
 
 
 def cmd_generate(argv: list[str]):
-    from transformers import AutoTokenizer
-
     from carlrar.generate import generate_split, print_samples, summarize, write_samples
-    from carlrar.models import load_trained
+    from carlrar.models import load_tokenizer, load_trained
 
     p = ArgumentParser(prog="carlrar generate", description="text-form adversarial samples decoded from RAR's "
                        "reconstructor on k-PGD-attacked inputs (Table 6), and their transfer to a --target model")
-    p.add_argument("--model", required=True, help="a model trained with --method rar or carl-rar")
+    p.add_argument("--model", required=True, type=path("model"), help="a model trained with --method rar or carl-rar")
     _data_args(p)
     _attack_args(p, "eps", "steps", "step_size", "norm", eps=[0.1])
-    p.add_argument("--target", help="another trained model to fool with the generated texts (e.g. plain fine-tuning)")
-    p.add_argument("--max-edit-rate", type=float, default=None, help="keep samples with at most this token edit rate")
-    p.add_argument("--limit", type=int, default=None, help="a seeded random subset of this many examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="JSONL or CSV of samples (default MODEL/generated_<dataset>_<split>.jsonl)")
+    p.add_argument("--target", type=path("model"), help="another trained model to fool with the generated texts "
+                   "(e.g. plain fine-tuning)")
+    p.add_argument("--max-edit-rate", type=number(low=0, high=1), help="keep samples with at most this token edit "
+                   "rate")
+    _subset_args(p, "a seeded random subset of this many examples")
+    p.add_argument("--output", type=path("new_file"), help="JSONL or CSV of samples (default "
+                   "MODEL/generated_<dataset>_<split>.jsonl)")
     args = p.parse_args(argv)
     attack = _attack_config(args)
     if len(attack.eps) != 1:
         raise UserError(f"--eps {','.join(f'{e:g}' for e in attack.eps)}: carlrar generate attacks at one radius")
-    eps = attack.eps[0]
+    eps, out = attack.eps[0], _result_path(args, "generated", ".jsonl")
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
     if "reconstructor" not in model.heads:
         raise UserError(f"{args.model} has no reconstructor: train it with --method rar or carl-rar")
     target = load_trained(args.target) if args.target else None
     records = generate_split(model, tokenizer, data, data.texts, names, eps, attack.steps, attack.step_size,
-                             attack.norm, args.batch_size, target, AutoTokenizer.from_pretrained(args.target)
+                             attack.norm, args.batch_size, target, load_tokenizer(args.target)
                              if target is not None else None, args.max_length)
     if args.max_edit_rate is not None:
         records = [r for r in records if r["edit_rate"] <= args.max_edit_rate]
     summary = summarize(records)
-    out = Path(args.output or Path(args.model) / f"generated_{_tag(args)}.jsonl")
     summary_file = write_samples(records, out, {"model": args.model, "target": args.target, "eps": eps,
                                                 "steps": attack.steps, **summary})
     print(json.dumps(summary, indent=2))
@@ -141,35 +153,36 @@ def cmd_augment(argv: list[str]):
 
     p = ArgumentParser(prog="carlrar augment", description="turn generated samples into a training file "
                        "(TSV with header text, label) usable with --train-file")
-    p.add_argument("--samples", required=True, help="JSONL written by carlrar generate")
-    p.add_argument("--output", required=True, help="TSV to write")
+    p.add_argument("--samples", required=True, type=path("file"), help="JSONL written by carlrar generate")
+    p.add_argument("--output", required=True, type=path("new_file"), help="TSV to write")
     p.add_argument("--with-originals", action="store_true", help="also write the original texts")
-    p.add_argument("--max-edit-rate", type=float, default=None)
+    p.add_argument("--max-edit-rate", type=number(low=0, high=1))
     args = p.parse_args(argv)
     rows, generated = augment(Path(args.samples), Path(args.output), args.with_originals, args.max_edit_rate)
     print(f"{rows} rows written to {args.output} ({generated} generated)", file=sys.stderr)
 
 
 def cmd_predict(argv: list[str]):
-    from transformers import AutoTokenizer
-
     from carlrar.data import read_texts
     from carlrar.evaluate import predictions
-    from carlrar.models import load_trained
+    from carlrar.models import check_max_length, load_tokenizer, load_trained
+    from carlrar.ownership import json_text, write_whole
 
     p = ArgumentParser(prog="carlrar predict", description="label and probabilities per text, as JSONL")
-    p.add_argument("--model", required=True)
-    p.add_argument("--file", help="CSV/TSV/JSONL (uses --text-column) or plain text, one per line; default stdin")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--output", help="JSONL output file (default stdout)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", required=True, type=path("model"))
+    p.add_argument("--file", type=path("file"), help="CSV/TSV/JSONL (uses --text-column) or plain text, one per "
+                   "line; default stdin")
+    p.add_argument("--text-column", default="text", type=text)
+    p.add_argument("--output", type=path("new_file"), help="JSONL output file (default stdout)")
+    p.add_argument("--max-length", type=number(whole=True, low=2), default=128)
+    p.add_argument("--batch-size", type=number(whole=True, low=1), default=64)
     args = p.parse_args(argv)
     texts = read_texts(args.file, args.text_column)
-    model, tokenizer = load_trained(args.model), AutoTokenizer.from_pretrained(args.model)
-    lines = [json.dumps(r) for r in predictions(model, tokenizer, texts, args.max_length, args.batch_size)]
+    model, tokenizer = load_trained(args.model), load_tokenizer(args.model)
+    check_max_length(model, tokenizer, args.max_length)
+    lines = [json_text(r) for r in predictions(model, tokenizer, texts, args.max_length, args.batch_size)]
     if args.output:
-        Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_whole(Path(args.output), "\n".join(lines) + "\n")
     else:
         print("\n".join(lines))
 
@@ -179,15 +192,16 @@ def cmd_compare(argv: list[str]):
 
     p = ArgumentParser(prog="carlrar compare", description="side-by-side table of trained runs: clean dev accuracy "
                        "and accuracy under attack from each run's final_metrics.json and attack_*.json")
-    p.add_argument("runs", nargs="+", help="output directories of carlrar train")
+    p.add_argument("runs", nargs="+", type=path("dir"), help="output directories of carlrar train")
     args = p.parse_args(argv)
     print_comparison(*compare_runs(args.runs))
 
 
-def _set_option(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
+@checks_value  # the value is checked with the training options it sets (reproduce's run_configs)
+def _set_option(option: str, name: str) -> tuple[str, str]:
+    key, sep, value = option.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise UserError(f"--{name} {option!r}: expected KEY=VALUE")
     import yaml
 
     return key, yaml.safe_load(value)
@@ -198,12 +212,13 @@ def cmd_reproduce(argv: list[str]):
 
     p = ArgumentParser(prog="carlrar reproduce", description="the paper's comparison as a resumable grid of runs "
                        "(methods × datasets × seeds): train → dev (+ test) → k-PGD per ε → R vs R^adv distances")
-    p.add_argument("--results", required=True, help="results folder (index.json, runs/*.json, models/)")
-    p.add_argument("--protocol", default="cpu", help="protocol name (carlrar/protocols/*.yaml) or YAML file "
+    p.add_argument("--results", required=True, type=path("new_dir"), help="results folder (index.json, "
+                   "runs/*.json, models/)")
+    p.add_argument("--protocol", default="cpu", type=text, help="protocol name (carlrar/protocols/*.yaml) or YAML file "
                    "(default cpu)")
-    p.add_argument("--methods", help="comma-separated methods (default: the protocol's)")
-    p.add_argument("--datasets", help="comma-separated datasets (default: the protocol's)")
-    p.add_argument("--seeds", help="a number N (seeds 0..N-1) or comma-separated seeds (default: the protocol's)")
+    p.add_argument("--methods", type=text, help="comma-separated methods (default: the protocol's)")
+    p.add_argument("--datasets", type=text, help="comma-separated datasets (default: the protocol's)")
+    p.add_argument("--seeds", type=text, help="a number N (seeds 0..N-1) or comma-separated seeds (default: the protocol's)")
     p.add_argument("--set", dest="options", action="append", type=_set_option, default=[], metavar="KEY=VALUE",
                    help="a training option for every run, e.g. --set train_subset=2000 (repeatable)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's resumable checkpoint")
@@ -222,7 +237,7 @@ def cmd_report(argv: list[str]):
 
     p = ArgumentParser(prog="carlrar report", description="the paper's tables (mean ± std over seeds, paired "
                        "bootstrap CIs vs FreeLB) and plots from a carlrar reproduce folder")
-    p.add_argument("results", help="the --results folder of carlrar reproduce")
+    p.add_argument("results", type=path("dir"), help="the --results folder of carlrar reproduce")
     args = p.parse_args(argv)
     out, pngs = write_report(Path(args.results))
     print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
@@ -237,19 +252,20 @@ def cmd_search(argv: list[str]):
     p = ArgumentParser(prog="carlrar search", description="Optuna search over the paper's Table 8 bounds "
                        "(γ, α, ε, n), objective dev accuracy, resumable (SQLite); other options as carlrar train",
                        add_help=False)
-    p.add_argument("--study-dir", required=True, help="folder for study.db, one folder per trial, best.yaml")
-    p.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (default 20)")
+    p.add_argument("--study-dir", required=True, type=path("new_dir"), help="folder for study.db, one folder per "
+                   "trial, best.yaml")
+    p.add_argument("--trials", type=number(whole=True, low=1), default=20, help="completed + pruned trials to reach "
+                   "(default 20)")
     p.add_argument("--sampler", choices=["tpe", "grid"], default="tpe")
-    p.add_argument("--params", default=",".join(TABLE_8), help=f"which to search, of {', '.join(SPACE)} "
+    p.add_argument("--params", default=",".join(TABLE_8), type=text, help=f"which to search, of {', '.join(SPACE)} "
                    f"(default Table 8's {','.join(TABLE_8)})")
-    p.add_argument("--search-seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--search-seed", type=number(whole=True, low=0, high=SEED_MAX), default=0, help="the sampler's "
+                   "seed")
     if argv in (["-h"], ["--help"]):
         p.print_help()
         print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
         return
     args, rest = p.parse_known_args(argv)
-    if args.trials < 1:
-        raise UserError("--trials must be at least 1")
     parsed = parse_args((TrainConfig, *config_classes()), rest, prog="carlrar search")
     cfg = parsed[0]
     if cfg.method not in METHODS:
@@ -273,14 +289,20 @@ def cmd_methods(argv: list[str]):
 
 
 def _data_args(p: ArgumentParser):
-    p.add_argument("--dataset", default="sst2", help="named dataset (default sst2)")
+    p.add_argument("--dataset", default="sst2", type=text, help="named dataset (default sst2)")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
-    p.add_argument("--data-dir", help="folder with the dataset folders (default $CARLRAR_DATA_DIR, then the hub)")
-    p.add_argument("--file", help="a labelled CSV/TSV/JSONL file instead of --dataset")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", type=path("dir"), help="folder with the dataset folders (default "
+                   "$CARLRAR_DATA_DIR, then the hub)")
+    p.add_argument("--file", type=path("file"), help="a labelled CSV/TSV/JSONL file instead of --dataset")
+    p.add_argument("--text-column", default="text", type=text)
+    p.add_argument("--label-column", default="label", type=text)
+    p.add_argument("--max-length", type=number(whole=True, low=2), default=128)
+    p.add_argument("--batch-size", type=number(whole=True, low=1), default=128)
+
+
+def _subset_args(p: ArgumentParser, limit_help: str):
+    p.add_argument("--limit", type=number(whole=True, low=1), help=limit_help)
+    p.add_argument("--seed", type=number(whole=True, low=0, high=SEED_MAX), default=0)
 
 
 def _tag(args) -> str:
@@ -296,18 +318,27 @@ def _model_and_data(args, limit: int | None = None, seed: int = 0):
                                 args.label_column, args.max_length, limit, seed)
 
 
-def _write_result(args, kind: str, result: dict) -> Path:
-    """``result`` with the model and data it is about, to --output or MODEL/<kind>_<tag>.json."""
-    out = Path(args.output or Path(args.model) / f"{kind}_{_tag(args)}.json")
-    out.write_text(json.dumps({"model": str(args.model), "data": _tag(args), **result}, indent=2))
+def _result_path(args, kind: str, suffix: str = ".json") -> Path:
+    """--output, else MODEL/<kind>_<tag><suffix> (beside the model); checked writable before any work."""
+    out = Path(args.output or Path(args.model) / f"{kind}_{_tag(args)}{suffix}")
+    check_path(str(out), "new_file")
     return out
 
 
-def _floats(text: str) -> list[float]:
+def _write_result(out: Path, args, result: dict):
+    """``result`` with the model and data it is about, written whole (or not at all)."""
+    from carlrar.ownership import json_text, write_whole
+
+    write_whole(out, json_text({"model": str(args.model), "data": _tag(args), **result}, indent=2))
+
+
+@checks_value  # AttackConfig checks the numbers (finite, in range)
+def _floats(values: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [float(x) for x in values.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise UserError(f"{name} = {values!r}: expected comma-separated numbers") from None
+
 
 
 def _attack_args(p: ArgumentParser, *names: str, **defaults):
@@ -318,7 +349,7 @@ def _attack_args(p: ArgumentParser, *names: str, **defaults):
     hints = typing.get_type_hints(AttackConfig)
     for f in [f for f in dataclasses.fields(AttackConfig) if not names or f.name in names]:
         default = defaults.get(f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
-        parse = {list[float]: _floats, float | None: float}.get(hints[f.name], hints[f.name])
+        parse = {list[float]: _floats, float | None: parsed(float), int: parsed(int)}.get(hints[f.name], text)
         shown = ",".join(f"{x:g}" for x in default) if isinstance(default, list) else default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=parse, default=default, choices=f.metadata.get("choices"),
                        help=f.metadata["help"] + ("" if default is None else f" (default {shown})"))
@@ -337,6 +368,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, 
             "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search}
 
 
+ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -348,6 +382,11 @@ def main(argv: list[str] | None = None):
         COMMANDS[argv[0]](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the machine's, not carlrar's: a full disk, a read-only location, no permission
+        if e.errno not in ENVIRONMENT:
+            raise
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

@@ -18,12 +18,25 @@ def compare_runs(runs: list[Path]) -> tuple[list[float], list[tuple[Path, dict, 
         final = run / "final_metrics.json"
         if not final.is_file():
             raise UserError(f"{run}: no final_metrics.json (not a finished carlrar run)")
-        metrics = json.loads(final.read_text())
-        attacks = [json.loads(f.read_text()) for f in sorted(run.glob("attack_*.json"))]
+        metrics = read_result(final, ("method", "dev", "examples_per_s"))
+        attacks = [read_result(f, ("attacks",)) for f in sorted(run.glob("attack_*.json"))]
         by_eps = {a["eps"]: a for r in attacks[:1] for a in r["attacks"]}
         eps += [e for e in by_eps if e not in eps]
         rows.append((run, metrics, by_eps))
     return eps, rows
+
+
+def read_result(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON result file with ``keys``, or a one-line user error (truncated, corrupt, unreadable, not carlrar's)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or e
+        raise UserError(f"{path}: unreadable ({why})") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{path}: no {missing[0]!r} (not written by carlrar)")
+    return data
 
 
 def print_comparison(eps: list[float], rows: list[tuple[Path, dict, dict]]):

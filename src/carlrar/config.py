@@ -10,13 +10,26 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import yaml
 
 from carlrar.errors import UserError
+from carlrar.validation import SEED_MAX, check_number, check_path
 
 PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The values a config's fields take (``check``): numbers ≥ ``minimum`` or > ``above`` and ≤ ``maximum`` (every
+    numeric field declares a lower bound), paths of a kind (field → kind, see ``carlrar.validation.path_problem``)."""
+
+    minimum: dict[str, float] = field(default_factory=dict)
+    above: dict[str, float] = field(default_factory=dict)
+    maximum: dict[str, float] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def config_field(default, help: str, **argparse_kwargs):
@@ -78,12 +91,17 @@ class TrainConfig:
     config: str | None = _f(None, "YAML file of defaults; command-line flags win")
     preset: str | None = _f(None, "named preset (carlrar/presets/*.yaml), e.g. the paper's Table 1 settings")
 
+    LIMITS: ClassVar[Limits] = Limits(
+        minimum={"batch_size": 1, "grad_accum": 1, "max_length": 2, "eval_batch_size": 1, "log_steps": 1,
+                 "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0, "validation_size": 0,
+                 "diagnostics_steps": 0, "train_subset": 1, "weight_decay": 0, "warmup_ratio": 0, "grad_clip": 0,
+                 "seed": 0},
+        above={"lr": 0}, maximum={"warmup_ratio": 1, "seed": SEED_MAX},
+        paths={"model": "model", "output_dir": "new_dir", "data_dir": "dir", "train_file": "file", "dev_file": "file",
+               "test_file": "file", "init_from": "run", "config": "file"})
+
     def __post_init__(self):
-        check(self, minimum={"batch_size": 1, "grad_accum": 1, "max_length": 2, "eval_batch_size": 1,
-                             "log_steps": 1, "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0,
-                             "validation_size": 0, "diagnostics_steps": 0})
-        if self.lr <= 0:
-            raise UserError(f"lr = {self.lr}: must be > 0")
+        check(self)
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.dataset or Path(self.train_file or 'files').stem}-{self.method}")
@@ -109,17 +127,30 @@ def _coerce(value, tp, where: str):
         raise UserError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
 
 
-def check(config, minimum: dict[str, float] = {}):  # noqa: B006 (read only)
-    """A config's ``choices`` (field metadata) and lower bounds, as one-line user errors. Called from each config's
-    ``__post_init__``, so flags, YAML values and the Python API are all checked before anything runs."""
+def check(config):
+    """A config's ``choices`` (field metadata), numbers (finite and within its class's ``LIMITS``; every element of
+    a list) and paths (of their kind), as one-line user errors. Called from each config's ``__post_init__``, so
+    flags, YAML values and the Python API are all checked before anything runs. A numeric field without a lower
+    bound, or a ``*_file`` / ``*_dir`` field without a path kind, is a programming error: a new option cannot skip
+    the checks."""
+    limits = getattr(type(config), "LIMITS", Limits())
+    minimum, above, maximum, paths = limits.minimum, limits.above, limits.maximum, limits.paths
+    hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, choices = getattr(config, f.name), f.metadata.get("choices")
         if choices and value not in choices:
             raise UserError(f"{f.name} = {value!r}: choose one of {', '.join(map(str, choices))}")
-    for name, low in minimum.items():
-        value = getattr(config, name)
-        if value is not None and value < low:
-            raise UserError(f"{name} = {value!r}: must be at least {low}")
+        kinds = {a for a in (*typing.get_args(hints[f.name]), hints[f.name]) for a in (a, *typing.get_args(a))}
+        whole = int in kinds
+        if whole or float in kinds:
+            if f.name not in minimum and f.name not in above:
+                raise TypeError(f"{type(config).__name__}.{f.name}: declare its lower bound in LIMITS")
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                check_number(f.name, v, whole, minimum.get(f.name), maximum.get(f.name), above.get(f.name))
+        if f.name.endswith(("_file", "_dir")) and f.name not in paths:
+            raise TypeError(f"{type(config).__name__}.{f.name}: declare its path kind in LIMITS")
+        if f.name in paths:
+            check_path(value, paths[f.name], f.name)
 
 
 def read_yaml(path: Path) -> dict:
@@ -128,6 +159,10 @@ def read_yaml(path: Path) -> dict:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)  # syntax errors know their line
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -187,5 +222,7 @@ def to_dict(*configs) -> dict:
 
 
 def write_yaml(path: Path, data: dict):
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    from carlrar.ownership import write_whole
+
+    write_whole(Path(path), yaml.safe_dump(data, sort_keys=False))
 

@@ -63,15 +63,14 @@ def load_model_and_split(model_dir: str, dataset: str | None = "sst2", split: st
                          seed: int = 0):
     """The trained model, its tokenizer, its label names and the requested split (``file``, else ``split`` of
     ``dataset``; a seeded ``limit`` subset), encoded, with labels mapped onto the model's."""
-    from transformers import AutoTokenizer
-
-    from carlrar.models import label_names, load_trained
+    from carlrar.models import check_max_length, label_names, load_tokenizer, load_trained
 
     ds = None if file else load_dataset(dataset, data_dir)  # bad data fails before the model loads
     if ds is not None:
         ds.split(split)
     model = load_trained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    check_max_length(model, tokenizer, max_length)
     names = label_names(model)
     data = read_labelled_file(file, text_column, label_column, names) if file else ds.split_for_model(split, names)
     return model, tokenizer, names, EncodedSplit(subset(data, limit, seed), tokenizer, max_length)

@@ -9,6 +9,7 @@ generated text fools a separate ``target`` model (e.g. plain fine-tuning) that w
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from carlrar.attack import pgd_attack
 from carlrar.data import Collator, EncodedSplit, eval_batches
 from carlrar.errors import UserError
 from carlrar.evaluate import predict_texts
+from carlrar.ownership import json_text, write_whole
 
 
 @torch.no_grad()
@@ -83,17 +85,19 @@ def summarize(records: list[dict], max_edit_rate: float | None = None) -> dict:
 
 
 def write_samples(records: list[dict], out: Path, summary: dict) -> Path:
-    """Samples as JSONL (or CSV when ``out`` ends in .csv), and ``summary`` as OUT_summary.json beside them."""
+    """Samples as JSONL (or CSV when ``out`` ends in .csv), and ``summary`` as OUT_summary.json beside them; each
+    file written whole or not at all."""
     out = Path(out)
     if out.suffix == ".csv":
-        with open(out, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["text"])
-            writer.writeheader()
-            writer.writerows(records)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["text"])
+        writer.writeheader()
+        writer.writerows(records)
+        write_whole(out, buffer.getvalue())
     else:
-        out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_whole(out, "".join(json_text(r) + "\n" for r in records))
     summary_file = out.with_name(out.stem + "_summary.json")
-    summary_file.write_text(json.dumps(summary, indent=2))
+    write_whole(summary_file, json_text(summary, indent=2))
     return summary_file
 
 
@@ -102,15 +106,35 @@ def print_samples(records: list[dict], n: int = 5):
         print(f"[{r['label']}] {r['original_decoded']}\n   → {r['generated']}  (edit rate {r['edit_rate']:.2f})")
 
 
+SAMPLE_KEYS = ("text", "generated", "label", "edit_rate", "changed")  # what augment reads of each sample
+
+
 def read_samples(path: Path) -> list[dict]:
-    """The JSONL of ``carlrar generate``; anything else is a one-line user error."""
+    """The JSONL of ``carlrar generate``; anything else is a one-line user error naming the line."""
     try:
-        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         raise UserError(f"{path}: not a JSONL file written by carlrar generate") from None
-    if not records or not all("generated" in r and "label" in r for r in records):
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: not a JSONL file written by carlrar generate") from None
+        if not isinstance(record, dict) or not {"generated", "label"} <= set(record):
+            raise UserError(f"{path}: no samples with 'generated' and 'label' fields")
+        missing = [k for k in SAMPLE_KEYS if k not in record]
+        if missing:
+            raise UserError(f"{path}:{n}: sample has no {missing[0]!r} (a line of carlrar generate has "
+                            f"{', '.join(SAMPLE_KEYS)})")
+        records.append(record)
+    if not records:
         raise UserError(f"{path}: no samples with 'generated' and 'label' fields")
     return records
 
@@ -126,5 +150,5 @@ def augment(samples: Path, output: Path, with_originals: bool = False,
     clean = lambda t: " ".join(t.replace("\t", " ").split())  # noqa: E731  (TSV: no tabs or newlines)
     rows = [(clean(r["generated"]), r["label"]) for r in keep]
     rows += [(clean(r["text"]), r["label"]) for r in records] if with_originals else []
-    Path(output).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+    write_whole(Path(output), "text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
     return len(rows), len(keep)

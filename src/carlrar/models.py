@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,20 +146,37 @@ def load_classifier(name: str, label_names: list[str], trust_remote_code: bool =
 
 
 def load_trained(directory: str | Path) -> Classifier:
-    """A classifier written by ``carlrar train`` (or any HF sequence-classification checkpoint)."""
+    """A classifier written by ``carlrar train`` (or any HF sequence-classification checkpoint). A model whose
+    weights lack the classification head (e.g. a bare encoder) gets a random one, with a one-line warning."""
     looks_local = str(directory).startswith((".", "/", "~")) or os.sep in str(directory).rstrip(os.sep)
     if looks_local and not Path(directory).is_dir():
         raise UserError(f"{directory}: no such model directory")
     try:
-        hf = AutoModelForSequenceClassification.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from None
-    model = Classifier(hf)
-    if (Path(directory) / HEADS_CONFIG).is_file():
-        for name, spec in json.loads((Path(directory) / HEADS_CONFIG).read_text()).items():
-            model.heads[name] = head_from_spec(name, spec, model)
-        model.heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
+        hf, info = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True)
+        model = Classifier(hf)
+        if (Path(directory) / HEADS_CONFIG).is_file():
+            for name, spec in json.loads((Path(directory) / HEADS_CONFIG).read_text()).items():
+                model.heads[name] = head_from_spec(name, spec, model)
+            model.heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (unreadable, truncated or corrupt files all mean the same to the user)
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"cannot load model from {directory}: {first}") from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        print(f"warning: {directory} has no trained weights for {', '.join(missing[:3])}"
+              f"{', ...' if len(missing) > 3 else ''}: they are random, and so are its predictions (train it with "
+              "carlrar train)", file=sys.stderr)
     return model
+
+
+def check_max_length(model: Classifier, tokenizer, max_length: int):
+    """``max_length`` within the positions the model has (and its tokenizer allows), or a one-line user error."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limit = min((n for n in limits if isinstance(n, int) and 0 < n < 1_000_000), default=None)
+    if limit is not None and max_length > limit:
+        raise UserError(f"max_length = {max_length}: this model takes at most {limit} tokens")
 
 
 def load_tokenizer(name: str, train_texts: list[str] | None = None, trust_remote_code: bool = False):

@@ -26,6 +26,7 @@ from pathlib import Path
 from carlrar.attack import AttackConfig
 from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
 from carlrar.errors import UserError
+from carlrar.ownership import hold_lock, release_lock
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 # relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
@@ -212,6 +213,7 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         (results / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the results folder {results}: {e.strerror}") from None
+    hold_lock(results)  # one grid per results folder: two would write one index.json and race for its runs
     index_file = results / "index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}
     index.update(protocol=dataclasses.asdict(protocol), command=command or index.get("command", ""),
@@ -256,6 +258,7 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         write_json(index_file, index)
         say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f}" + (" · under attack " + " / ".join(
             f"{v:.4f}" for v in entry["attack"].values()) if entry["attack"] else ""))
+    release_lock(results)
     failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
     if failed:
         say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))

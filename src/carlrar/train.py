@@ -27,7 +27,8 @@ from carlrar.distributed import any_process, average_gradients, broadcast_object
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
-from carlrar.models import count_parameters, load_classifier, load_tokenizer
+from carlrar.models import check_max_length, count_parameters, load_classifier, load_tokenizer
+from carlrar.ownership import json_text, release_lock, write_whole
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
 
@@ -44,6 +45,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     tokenizer = load_tokenizer(cfg.model, train_split.texts, cfg.trust_remote_code)
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
+    check_max_length(model, tokenizer, cfg.max_length)
     # cpu=True when there is no accelerator: otherwise accelerate ignores torchrun's processes on a CPU-only machine;
     # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already;
     # a long timeout: the other processes wait while the main one evaluates the whole dev set
@@ -236,7 +238,7 @@ def record_clipping(run: Run, norm: float, diagnostics: dict, since: dict[str, l
         since.setdefault(k, []).append(v)
     if diagnostics and run.accelerator.is_main_process:
         with open(run.out / "diagnostics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": run.state["step"], **diagnostics, **clip}) + "\n")
+            fh.write(json_text({"step": run.state["step"], **diagnostics, **clip}) + "\n")
 
 
 def log_line(run: Run, window: dict[str, list[float]], meter: ThroughputMeter, lr: float):
@@ -271,7 +273,7 @@ def evaluate_and_checkpoint(run: Run, since: dict[str, list[float]]):
             state.update(best_accuracy=chosen["accuracy"], best_step=state["step"], best_dev=dev, best_val=val)
             save_best(run.model, run.tokenizer, run.out)
         with open(run.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_text(record) + "\n")
         best = " (best)" if improved else ""  # marks the split the checkpoint is chosen on
         run.say(f"eval step {state['step']}: " + (f"validation accuracy {val['accuracy']:.4f}{best} · " if val else "")
                 + f"dev accuracy {dev['accuracy']:.4f}{'' if val else best} · dev loss {dev['loss']:.4f}")
@@ -303,7 +305,8 @@ def finish(run: Run, train_examples: int, peak: float) -> dict:
             test_data = EncodedSplit(run.ds.splits["test"], run.tokenizer, cfg.max_length)
             final["test"] = evaluate_split(load_trained(run.out), test_data, run.ds.label_names,
                                            run.tokenizer.pad_token_id, cfg.eval_batch_size)
-        (run.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        write_whole(run.out / "final_metrics.json", json_text(final, indent=2))
+        release_lock(run.out)
         run.say(f"done: best dev accuracy {state['best_accuracy']:.4f} at step {state['best_step']} · "
                 f"{final['examples_per_s']} ex/s over {final['train_seconds']} s · model in {run.out}")
     return final

@@ -102,7 +102,10 @@ def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # strip it here so error offsets count from the file start
     try:
         text = raw[bom:].decode("utf-8")
@@ -112,6 +115,7 @@ def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[at]:02x} at offset {at})") from None
     if not text.strip():
         raise UserError(f"{path}: file is empty")
+    refuse_nul(path, text)
     if path.suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -120,6 +124,8 @@ def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                if not isinstance(rows[-1][1], dict):
+                    raise UserError(f"{path}:{n}: expected a JSON object, got {type(rows[-1][1]).__name__}")
         return None, rows
     tsv = path.suffix == ".tsv"
     reader = csv.reader(text.splitlines(), delimiter="\t" if tsv else ",",
@@ -128,9 +134,21 @@ def read_table(path: Path, header: bool | None = None) -> tuple[list[str] | None
     if header is None:
         header = True
     columns = [c.strip() for c in rows.pop(0)[1]] if header else None
+    for i, name in enumerate(columns or []):
+        if name in columns[:i]:  # which one would be read is a guess: refuse it
+            raise UserError(f"{path}:1: column {name!r} appears twice (columns {columns.index(name) + 1} and {i + 1})")
     if header and not rows:
         raise UserError(f"{path}: file has a header but no rows")
     return columns, rows
+
+
+def refuse_nul(path, text: str):
+    """A NUL byte is never text: a binary or corrupted file. Named by line and column."""
+    at = text.find("\0")
+    if at >= 0:
+        line_start = text.rfind("\n", 0, at) + 1
+        raise UserError(f"{path}:{text.count(chr(10), 0, at) + 1}: NUL byte at column {at - line_start + 1} "
+                        "(a binary or corrupted file?)")
 
 
 def read_examples(path: Path, text_columns, label_column, header: bool | None = None,
@@ -146,10 +164,11 @@ def read_examples(path: Path, text_columns, label_column, header: bool | None = 
         return columns.index(col)
 
     texts, labels, empty = [], [], []
-    if columns is None and rows and isinstance(rows[0][1], dict):  # JSONL
-        for col in list(text_columns) + ([label_column] if need_labels else []):
-            if col not in rows[0][1]:
-                raise UserError(f"{path}:{rows[0][0]}: no key {col!r} (keys: {', '.join(rows[0][1])})")
+    if columns is None and rows and isinstance(rows[0][1], dict):  # JSONL: every row an object with every key
+        for n, row in rows:
+            for col in list(text_columns) + ([label_column] if need_labels else []):
+                if col not in row:
+                    raise UserError(f"{path}:{n}: no key {col!r} (keys: {', '.join(row)})")
         get = lambda r, c: r.get(c)  # noqa: E731
     else:
         text_columns = [position(c) for c in text_columns]
@@ -359,6 +378,9 @@ def read_texts(path: str | None, text_column: str = "text") -> list[str]:
             raise UserError(f"{path}: file not found") from None
         except UnicodeDecodeError:
             raise UserError(f"{path or 'stdin'}: not valid UTF-8") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        refuse_nul(path or "stdin", raw)
         texts = [line.strip() for line in raw.splitlines() if line.strip()]
     if not texts:
         raise UserError(f"{path or 'stdin'}: no text to predict")

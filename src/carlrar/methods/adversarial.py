@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from carlrar.config import check, config_field as _f
+from carlrar.config import Limits, check, config_field as _f
 from carlrar.diagnostics import term_gradients
 from carlrar.perturb import ascent_step, init_delta
 
@@ -31,8 +32,11 @@ class AdversarialConfig:
     adv_reuse_dropout: bool = _f(True, "same dropout masks in all FreeLB passes of a batch, as the official code")
     pgd_clean: bool = _f(False, "PGD: train on (L_C(clean) + L_C(adversarial)) / 2 instead of the adversarial only")
 
+    LIMITS: ClassVar[Limits] = Limits(minimum={"adv_steps": 1, "adv_init_mag": 0, "adv_lr": 0, "adv_max_norm": 0,
+                                               "adv_start_step": 0})
+
     def __post_init__(self):
-        check(self, minimum={"adv_steps": 1, "adv_init_mag": 0, "adv_lr": 0, "adv_max_norm": 0, "adv_start_step": 0})
+        check(self)
 
 
 class DropoutReplay:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carlrar.config import check, config_field as _f
+from carlrar.config import Limits, check, config_field as _f
 from carlrar.distributed import all_mean, gather_rows, global_batch_order, rank, world_size
 from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss, balanced_weight
 
@@ -216,9 +217,14 @@ class ContrastiveConfig:
                               choices=["step", "plateau"])
     carl_plateau_patience: int = _f(2, "plateau rule: evaluations without a new best before L_D starts")
 
+    LIMITS: ClassVar[Limits] = Limits(
+        minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0,
+                 "carl_weight_ratio": 0, "carl_balance_steps": 1, "carl_plateau_patience": 1, "carl_momentum": 0,
+                 "carl_weight": 0, "carl_z_momentum": 0},
+        maximum={"carl_momentum": 1, "carl_z_momentum": 1})
+
     def __post_init__(self):
-        check(self, minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0,
-                             "carl_weight_ratio": 0, "carl_balance_steps": 1, "carl_plateau_patience": 1})
+        check(self)
 
 
 class ContrastiveTerm(ObjectiveTerm):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carlrar.config import check, config_field as _f
+from carlrar.config import Limits, check, config_field as _f
 from carlrar.objectives.term import NOTHING, ObjectiveTerm, TermLoss, balanced_weight
 
 
@@ -139,9 +140,11 @@ class ReconstructionConfig:
                                   "this many batches, encoder frozen (stands in for a pretrained MLM head)")
     rar_warmup_lr: float = _f(1e-3, "learning rate of the reconstructor warm-up (AdamW)")
 
+    LIMITS: ClassVar[Limits] = Limits(minimum={"rar_weight": 0, "rar_weight_ratio": 0, "rar_balance_steps": 1,
+                                               "rar_warmup_steps": 0}, above={"rar_warmup_lr": 0})
+
     def __post_init__(self):
-        check(self, minimum={"rar_weight": 0, "rar_weight_ratio": 0, "rar_balance_steps": 1, "rar_warmup_steps": 0,
-                             "rar_warmup_lr": 1e-12})
+        check(self)
 
 
 class ReconstructionTerm(ObjectiveTerm):
