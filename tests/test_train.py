@@ -128,3 +128,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_dropout_model_dir, toy
     lines = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert [r["step"] for r in lines("resumed")] == [2, 4, 6]
     assert [r["dev_loss"] for r in lines("resumed")] == [r["dev_loss"] for r in lines("straight")]
+
+
+def test_throughput_never_reads_above_the_peak():
+    """The start-up peak is a lower bound: a stretch faster than it raises it instead of printing > 100 %."""
+    import torch
+    from transformers import BertConfig
+
+    from carlrar.speed import ThroughputMeter
+
+    meter = ThroughputMeter(BertConfig(hidden_size=8, num_hidden_layers=1, intermediate_size=16,
+                                       num_attention_heads=2), peak_flops=1.0)
+    meter.add(torch.ones(4, 16, dtype=torch.long))
+    examples_per_s, fraction = meter.read()
+    assert examples_per_s > 0 and fraction == 1.0 and meter.peak > 1.0
+    meter.reset()
+    meter.add(torch.ones(1, 2, dtype=torch.long))
+    assert 0 < meter.read()[1] <= 1.0
