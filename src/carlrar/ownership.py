@@ -13,7 +13,6 @@ the lock with the process, so ``kill -9`` leaves no stale lock; a second run ref
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import fnmatch
 import json
 import math
@@ -22,6 +21,11 @@ import shutil
 from pathlib import Path
 
 from carlrar.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (everything else holds)
+    fcntl = None
 
 MARKER, LOCK, TMP = ".carlrar-run", ".carlrar-lock", ".carlrar-tmp"
 # what ``carlrar train`` writes (checkpoint.py, train.py, models.py), including its temporary names
@@ -75,10 +79,11 @@ def check_ownership(out: Path, inputs: dict[str, str | None] = {}):  # noqa: B00
         raise UserError(f"{out} holds {names[0]!r}, not written by carlrar (no {MARKER} and no run beside it); "
                         "move it or choose another --output_dir")
 
+
 def hold_lock(out: Path):
     """Take the folder's lock for this process (again: a no-op), or refuse with the holder's PID."""
     key = str(out.resolve())
-    if key in _held:
+    if key in _held or fcntl is None:
         return
     try:
         fh = open(out / LOCK, "a+")
