@@ -307,6 +307,8 @@ def finish(run: Run, train_examples: int, peak: float) -> dict:
                                            run.tokenizer.pad_token_id, cfg.eval_batch_size)
         write_whole(run.out / "final_metrics.json", json_text(final, indent=2))
         release_lock(run.out)
-        run.say(f"done: best dev accuracy {state['best_accuracy']:.4f} at step {state['best_step']} · "
+        chosen_on = f"validation accuracy {state['best_accuracy']:.4f} (dev {final['dev']['accuracy']:.4f})" \
+            if state.get("best_val") else f"dev accuracy {state['best_accuracy']:.4f}"
+        run.say(f"done: best {chosen_on} at step {state['best_step']} · "
                 f"{final['examples_per_s']} ex/s over {final['train_seconds']} s · model in {run.out}")
     return final
