@@ -281,6 +281,19 @@ def cmd_search(argv: list[str]):
           f"(carlrar train --config {Path(args.study_dir) / 'best.yaml'})", file=sys.stderr)
 
 
+def cmd_selfcheck(argv: list[str]):
+    from carlrar.selfcheck import run_selfcheck
+
+    p = ArgumentParser(prog="carlrar selfcheck", description="every method on this device: a few steps on a tiny "
+                       "built-in corpus, save, reload, 3-step attack; one verdict each (exit status 1 if one fails)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: this machine's accelerator, else cpu")
+    p.add_argument("--steps", type=number(whole=True, low=2), default=20, help="optimiser steps per method "
+                   "(default 20)")
+    args = p.parse_args(argv)
+    if not all(v.ok for v in run_selfcheck(args.device, args.steps)):
+        sys.exit(1)
+
+
 def cmd_methods(argv: list[str]):
     from carlrar.methods import METHODS
 
@@ -365,7 +378,8 @@ def _attack_config(args):
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
             "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods,
-            "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search}
+            "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search,
+            "selfcheck": cmd_selfcheck}
 
 
 ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
