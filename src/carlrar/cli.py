@@ -18,7 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
-from carlrar.errors import UserError
+from carlrar.errors import UserError, need
 from carlrar.validation import SEED_MAX, check_path, checks_value, number, parsed, path, text
 
 
@@ -239,6 +239,7 @@ def cmd_report(argv: list[str]):
                        "bootstrap CIs vs FreeLB) and plots from a carlrar reproduce folder")
     p.add_argument("results", type=path("dir"), help="the --results folder of carlrar reproduce")
     args = p.parse_args(argv)
+    need("matplotlib", "plots", "carlrar report")
     out, pngs = write_report(Path(args.results))
     print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
     print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
@@ -266,6 +267,7 @@ def cmd_search(argv: list[str]):
         print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
         return
     args, rest = p.parse_known_args(argv)
+    need("optuna", "search", "carlrar search")
     parsed = parse_args((TrainConfig, *config_classes()), rest, prog="carlrar search")
     cfg = parsed[0]
     if cfg.method not in METHODS:
@@ -387,8 +389,14 @@ ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-V"], ["--version"]):
+        from carlrar import __version__
+
+        print(f"carlrar {__version__}")
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: carlrar {" + ",".join(COMMANDS) + "} [options]   (carlrar COMMAND --help for options)",
+        print("usage: carlrar {" + ",".join(COMMANDS) + "} [options]   (carlrar COMMAND --help for options; "
+              "carlrar --version)",
               file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     _quiet_libraries()
