@@ -45,7 +45,7 @@ def ws(tmp_path, monkeypatch):
 
     for target in ("carlrar.train.load_splits", "carlrar.evaluate.load_model_and_split", "carlrar.data.read_texts",
                    "carlrar.generate.augment", "carlrar.compare.compare_runs", "carlrar.report.write_report",
-                   "carlrar.search.search", "carlrar.data.load_dataset"):
+                   "carlrar.search.search", "carlrar.data.load_dataset", "carlrar.selfcheck.run_selfcheck"):
         monkeypatch.setattr(target, reached)
     return tmp_path
 
@@ -57,7 +57,7 @@ BASE = {"evaluate": {"--model": "model", "--file": "data.tsv", "--output": "out/
         "augment": {"--samples": "samples.jsonl", "--output": "out/aug.tsv"},
         "compare": {"runs": "run"}, "report": {"results": "results"}, "reproduce": {"--results": "out/results"},
         "search": {"--study-dir": "out/study", "--model": "model", "--train_file": "data.tsv"},
-        "train": {"--model": "model", "--train_file": "data.tsv", "--output_dir": "out/run"}}
+        "train": {"--model": "model", "--train_file": "data.tsv", "--output_dir": "out/run"}, "selfcheck": {}}
 
 
 def number_cases(whole: bool, low=None, high=None, above=None) -> list[str]:

@@ -18,7 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
-from carlrar.errors import UserError
+from carlrar.errors import UserError, need
 from carlrar.validation import SEED_MAX, check_path, checks_value, number, parsed, path, text
 
 
@@ -239,6 +239,7 @@ def cmd_report(argv: list[str]):
                        "bootstrap CIs vs FreeLB) and plots from a carlrar reproduce folder")
     p.add_argument("results", type=path("dir"), help="the --results folder of carlrar reproduce")
     args = p.parse_args(argv)
+    need("matplotlib", "plots", "carlrar report")
     out, pngs = write_report(Path(args.results))
     print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
     print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
@@ -266,6 +267,7 @@ def cmd_search(argv: list[str]):
         print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
         return
     args, rest = p.parse_known_args(argv)
+    need("optuna", "search", "carlrar search")
     parsed = parse_args((TrainConfig, *config_classes()), rest, prog="carlrar search")
     cfg = parsed[0]
     if cfg.method not in METHODS:
@@ -279,6 +281,19 @@ def cmd_search(argv: list[str]):
           + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()))
     print(f"best configuration written to {Path(args.study_dir) / 'best.yaml'} "
           f"(carlrar train --config {Path(args.study_dir) / 'best.yaml'})", file=sys.stderr)
+
+
+def cmd_selfcheck(argv: list[str]):
+    from carlrar.selfcheck import run_selfcheck
+
+    p = ArgumentParser(prog="carlrar selfcheck", description="every method on this device: a few steps on a tiny "
+                       "built-in corpus, save, reload, 3-step attack; one verdict each (exit status 1 if one fails)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: this machine's accelerator, else cpu")
+    p.add_argument("--steps", type=number(whole=True, low=2), default=20, help="optimiser steps per method "
+                   "(default 20)")
+    args = p.parse_args(argv)
+    if not all(v.ok for v in run_selfcheck(args.device, args.steps)):
+        sys.exit(1)
 
 
 def cmd_methods(argv: list[str]):
@@ -365,7 +380,8 @@ def _attack_config(args):
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "attack": cmd_attack, "predict": cmd_predict,
             "generate": cmd_generate, "augment": cmd_augment, "compare": cmd_compare, "methods": cmd_methods,
-            "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search}
+            "reproduce": cmd_reproduce, "report": cmd_report, "search": cmd_search,
+            "selfcheck": cmd_selfcheck}
 
 
 ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -373,8 +389,14 @@ ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-V"], ["--version"]):
+        from carlrar import __version__
+
+        print(f"carlrar {__version__}")
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: carlrar {" + ",".join(COMMANDS) + "} [options]   (carlrar COMMAND --help for options)",
+        print("usage: carlrar {" + ",".join(COMMANDS) + "} [options]   (carlrar COMMAND --help for options; "
+              "carlrar --version)",
               file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     _quiet_libraries()

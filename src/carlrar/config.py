@@ -83,6 +83,10 @@ class TrainConfig:
     diagnostics_steps: int = _f(25, "every N steps: each objective term's gradient norm per module group and the "
                                 "cosines between terms, into diagnostics.jsonl (0: off)")
     threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    mixed_precision: str = _f("no", "autocast the training passes (through Accelerate): no, bf16, or fp16 (GPU "
+                              "only, with a gradient scaler); weights, optimiser state, δ and CARL's memory banks "
+                              "stay float32 either way, and so do the contrastive scores",
+                              choices=["no", "bf16", "fp16"])
     overwrite: bool = _f(False, "start afresh even if output_dir holds a finished or interrupted run")
     skip_nonfinite: bool = _f(False, "skip optimiser steps whose loss or gradient is NaN/inf (counted in the "
                               "metrics) instead of stopping with an error")

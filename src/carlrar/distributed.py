@@ -4,13 +4,42 @@ carlrar does not wrap the model in DistributedDataParallel. FreeLB runs n backwa
 CARL's second forward act outside ``model.forward``, and some heads sit unused for the first steps: DDP's
 per-backward reducer fights all three. Instead every process accumulates its gradients locally over all passes and
 micro-batches, and ``average_gradients`` all-reduces them once per optimiser step (one flat buffer). On one process
-every function here is a no-op.
+every function here is a no-op. ``make_accelerator`` builds the one Accelerator a run uses (device, processes,
+mixed precision).
 """
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
+
+from carlrar.errors import UserError
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """The run's Accelerator. ``mixed_precision`` (no, bf16, fp16) sets what ``accelerator.autocast()`` does around
+    the passes; parameters, optimiser state, δ and CARL's banks stay in their own dtype (fp32) whatever it is."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    on_accelerator = torch.accelerator.is_available()
+    if mixed_precision == "fp16" and not on_accelerator:  # accelerate would silently train in fp32
+        raise UserError("mixed_precision = 'fp16': needs a GPU (fp16 autocast with a gradient scaler); on a CPU use "
+                        "bf16 or no")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one precision per process; a second train() in the same process (tests, search) may
+        # ask for another: forget the old one (the process group, in PartialState, is kept)
+        AcceleratorState._reset_state()
+    # cpu=True when there is no accelerator: otherwise accelerate ignores torchrun's processes on a CPU-only machine;
+    # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already;
+    # a long timeout: the other processes wait while the main one evaluates the whole dev set
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(cpu=not on_accelerator, step_scheduler_with_optimizer=False, mixed_precision=mixed_precision,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
 
 
 def world_size() -> int:

@@ -6,3 +6,11 @@ The CLI prints it as a single line and exits with status 2; everything else is a
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def need(module: str, extra: str, what: str):
+    """A one-line error when an optional dependency is missing: which extra installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs {module}: pip install 'carlrar[{extra}]'")

@@ -5,7 +5,6 @@ The output directory's layout, checkpoints and resume are in ``carlrar.checkpoin
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import sys
@@ -16,14 +15,15 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from carlrar.checkpoint import claim_output_dir, init_from_run, resume, save_best, save_checkpoint
 from carlrar.config import TrainConfig, to_dict
 from carlrar.data import Collator, EncodedSplit, LengthGroupedBatchSampler, carve_validation, load_dataset, subset
-from carlrar.distributed import any_process, average_gradients, broadcast_object, broadcast_parameters, total_rows
+from carlrar.distributed import (any_process, average_gradients, broadcast_object, broadcast_parameters,
+                                  make_accelerator, total_rows)
 from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
@@ -46,11 +46,7 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     set_seed(cfg.seed)
     model = load_classifier(cfg.model, ds.label_names, cfg.trust_remote_code)
     check_max_length(model, tokenizer, cfg.max_length)
-    # cpu=True when there is no accelerator: otherwise accelerate ignores torchrun's processes on a CPU-only machine;
-    # step_scheduler_with_optimizer=False: our schedule counts optimiser steps of the global batch already;
-    # a long timeout: the other processes wait while the main one evaluates the whole dev set
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), step_scheduler_with_optimizer=False,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
+    accelerator = make_accelerator(cfg.mixed_precision)
     device, main, processes = accelerator.device, accelerator.is_main_process, accelerator.num_processes
     method_configs = method_configs or tuple(c() for c in METHODS[cfg.method].config_classes)
     out, config = cfg.resolved_output_dir(), {**to_dict(cfg, *method_configs), "label_names": ds.label_names}
@@ -98,8 +94,10 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
         micro, evaluated, nonfinite, diagnostics = 0, False, [], {}
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            if micro % cfg.grad_accum == 0 and method.before_step(state["step"], model, train_data, collate,
-                                                                  cfg.eval_batch_size):
+            with accelerator.autocast():  # --mixed_precision: the bank fill's and warm-up's passes too
+                changed = micro % cfg.grad_accum == 0 and method.before_step(state["step"], model, train_data, collate,
+                                                                          cfg.eval_batch_size)
+            if changed:
                 save_checkpoint(accelerator, out, model, method, state)  # e.g. CARL's filled banks: not refilled
                 meter.reset()
             rows, scale = len(batch["labels"]), 1.0 / cfg.grad_accum
@@ -107,7 +105,8 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
                 scale *= rows * processes / total_rows(rows)
             diagnose = bool(cfg.diagnostics_steps) and state["step"] % cfg.diagnostics_steps == 0 \
                 and micro % cfg.grad_accum == 0
-            logs = method.training_step(model, batch, accelerator.backward, scale, state["step"], diagnose=diagnose)
+            with accelerator.autocast():  # a no-op without --mixed_precision
+                logs = method.training_step(model, batch, accelerator.backward, scale, state["step"], diagnose=diagnose)
             diagnostics = {k[5:]: logs.pop(k) for k in [k for k in logs if k.startswith("diag/")]} or diagnostics
             state["useful_flops"] += meter.add(batch["attention_mask"], method.passes) * processes
             nonfinite += [k for k, v in logs.items() if not math.isfinite(v)]
@@ -122,7 +121,9 @@ def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
             average_gradients(model)  # over processes, once per optimiser step, whatever the passes and micro-batches
             # the norm is needed anyway to catch a non-finite gradient; inf max-norm clips nothing
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if skip_nonfinite(run, nonfinite + ([] if torch.isfinite(norm) else ["gradient"])):
+            # fp16: an overflowing gradient is the scaler's to handle (it skips the update and lowers the scale)
+            bad_gradient = not torch.isfinite(norm) and accelerator.scaler is None
+            if skip_nonfinite(run, nonfinite + (["gradient"] if bad_gradient else [])):
                 optimizer.zero_grad(set_to_none=True)  # skipped: no update from this batch
             record_clipping(run, norm.item(), diagnostics, since)
             nonfinite, diagnostics = [], {}

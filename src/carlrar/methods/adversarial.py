@@ -61,9 +61,10 @@ class DropoutReplay:
 
 
 def new_delta(model, batch, init_mag: float, norm: str) -> torch.Tensor:
-    """δ's initial value (Eq. 1's starting point) for a batch, on its device."""
+    """δ's initial value (Eq. 1's starting point) for a batch, on its device; float32 also under --mixed_precision
+    (autocast casts E + δ where a matmul reads it, while δ and its ascent steps keep full precision)."""
     ids = batch["input_ids"]
-    embeds = torch.empty(*ids.shape, model.word_embeddings.embedding_dim, device=ids.device)
+    embeds = torch.empty(*ids.shape, model.word_embeddings.embedding_dim, device=ids.device, dtype=torch.float32)
     return init_delta(embeds, batch["attention_mask"], init_mag, norm)
 
 
