@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from carlrar.attack import AttackConfig
 from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
 from carlrar.errors import UserError
-from carlrar.ownership import hold_lock, release_lock
+from carlrar.ownership import hold_lock, json_text, release_lock, write_whole
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 # relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
@@ -137,10 +136,8 @@ def run_configs(protocol: Protocol, dataset: str, name: str, seed: int, models_d
 
 
 def write_json(path: Path, data):
-    """Atomic: a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Atomic (a reader or a crash never sees half a file) and valid JSON (no NaN): ownership's writer."""
+    write_whole(path, json_text(data, indent=1))
 
 
 def read_jsonl(path: Path) -> list[dict]:
