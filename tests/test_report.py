@@ -1,13 +1,17 @@
 """``carlrar report`` on synthetic run JSONs: Table 4 (projected k-PGD at ε = α), the cos bootstrap, variant names,
 the Diagnostics section and the figures of diagnostics and branch runs, each against hand-computed values."""
 
+import errno
 import functools
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import carlrar.report
+from carlrar.errors import UserError
 from carlrar.report import (Grid, aux_start, bootstrap_tables, diagnostics_section, grouped, paired_bootstrap, table2,
                             table4, table4b, tables)
 
@@ -164,3 +168,15 @@ def test_report_with_diagnostics_branches_and_validation(tmp_path, monkeypatch):
     assert "| FreeLB | 2 | 0 | – | – | – | – | 0.500 |" in report
     assert row(table2(grid(runs)), "carl-branch") == "| carl-branch | 80.00 ± 0.00 | 72.50 ± 0.71 | +0.00 |"
     assert "validation acc (selection)" in report
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)  # PNG although written under a temporary name
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+    def half_then_fail(self, text, *a, **kw):  # the disk fills mid-write: the old report stays whole
+        real(self, text[: len(text) // 2], *a, **kw)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = Path.write_text
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(UserError, match="cannot write .*report.md: No space left"):
+        carlrar.report.write_report(tmp_path)
+    assert out.read_text() == report and not list(tmp_path.glob(".*"))

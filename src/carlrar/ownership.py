@@ -127,14 +127,15 @@ def json_text(data, indent: int | None = None) -> str:
     return json.dumps(finite(data), indent=indent, allow_nan=False)
 
 
-def write_whole(path: Path, text: str):
-    """Write ``text`` to ``path`` whole or not at all: to a temporary name beside it, then renamed over it. A failed
-    write (full disk, read-only location, no permission) leaves no half-written file and is a one-line error."""
+def write_whole(path: Path, content):
+    """Write ``content`` to ``path`` whole or not at all: to a temporary name beside it, then renamed over it. A failed
+    write (full disk, read-only location, no permission) leaves no half-written file and is a one-line error.
+    ``content`` is text, or a function that writes the file at the path it is given (a figure's ``savefig``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
+        content(tmp) if callable(content) else tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from carlrar.errors import UserError
+from carlrar.ownership import write_whole
 
 ORDER = ["base", "fgm", "pgd", "freelb", "carl", "rar", "carl-rar"]
 NAMES = {"base": "Fine-tune", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl-rar": "CARL+RAR",
@@ -353,7 +354,7 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
     pngs = plots(runs, results)
     text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     out = results / "report.md"
-    out.write_text(text, encoding="utf-8")
+    write_whole(out, text)  # a reader (or a crash) never sees half a report
     return out, pngs
 
 

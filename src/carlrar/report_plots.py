@@ -166,7 +166,11 @@ def diagnostics_plot(d: str, by_method: dict[str, list[dict]], colors: dict, pat
 def save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from carlrar.ownership import write_whole
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # the format named: the temporary file's suffix is not .png
+        write_whole(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
