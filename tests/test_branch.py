@@ -56,6 +56,21 @@ def test_a_branch_may_add_a_head_and_must_share_the_data(tiny_model_dir, toy_fil
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
+def test_a_rar_branch_warms_its_new_head_at_the_branch_step(tiny_model_dir, toy_files, tmp_path):
+    """rar-warm in the converged protocol: the reconstructor the branch adds is fitted on the trunk's clean token
+    states before the branch's first step, so L_R starts far below a random head's."""
+    common = dict(lr_schedule="constant", warmup_ratio=0.0, eval_steps=2, log_steps=1)
+    train(cfg_for(tiny_model_dir, toy_files, tmp_path / "trunk", max_steps=4, method="freelb", **common), FREELB)
+    loss_R = {}
+    for name, warm in (("cold", 0), ("warm", 30)):
+        train(cfg_for(tiny_model_dir, toy_files, tmp_path / name, max_steps=5, method="rar",
+                      init_from=str(tmp_path / "trunk"), **common),
+              FREELB, ReconstructionConfig(rar_warmup_steps=warm, rar_warmup_lr=1e-2))
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        loss_R[name] = next(r["train_loss_R"] for r in records if r["step"] == 5)
+    assert loss_R["warm"] < loss_R["cold"] - 1.0, loss_R
+
+
 def test_init_weights_only_starts_at_step_zero_from_the_weights(tiny_model_dir, toy_files, tmp_path):
     train(cfg_for(tiny_model_dir, toy_files, tmp_path / "trunk", max_steps=4, lr=5e-3))
     final = train(cfg_for(tiny_model_dir, toy_files, tmp_path / "w", max_steps=1, lr=1e-12, warmup_ratio=0.0,
