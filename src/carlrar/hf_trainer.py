@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from carlrar.data import Collator
 from carlrar.errors import UserError
@@ -112,22 +112,22 @@ class AdversarialTrainer(Trainer):
                  eval_dataset=None, processing_class=None, compute_metrics=None, **kwargs):
         if method not in METHODS:
             raise UserError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
-        if args is not None and args.world_size > 1:
+        args = args if args is not None else TrainingArguments("tmp_trainer")  # the Trainer's own default
+        if args.world_size > 1:
             raise UserError("AdversarialTrainer trains on one process; for several use carlrar train under "
                             "accelerate launch (its methods average gradients themselves)")
         classifier = model if isinstance(model, Classifier) else Classifier(model)
         rows = TrainRows(train_dataset)
         evals = None if eval_dataset is None else TrainRows(eval_dataset, "eval_dataset")
         pad = getattr(processing_class, "pad_token_id", None)
-        collate = kwargs.pop("data_collator", None) or Collator(classifier.config.pad_token_id or 0 if pad is None
-                                                                else pad)
+        pad = pad if pad is not None else classifier.config.pad_token_id or 0
+        # a collator of the user's must give input_ids, attention_mask, labels and (CARL) the rows' index
+        collate = kwargs.pop("data_collator", None) or Collator(pad)
         configs = method_config if isinstance(method_config, (tuple, list)) else (method_config,)
-        if args is not None:
-            classifier.to(args.device)  # the terms' heads are built on the model's device, before the optimiser
+        classifier.to(args.device)  # the terms' heads are built on the model's device, before the optimiser
         self.method = Method(method, *configs, model=classifier, train_labels=rows.labels,
-                             total_steps=planned_steps(args, len(rows)) if args is not None else 0,
-                             train_config=SimpleNamespace(model=classifier.config._name_or_path,
-                                                          seed=args.seed if args is not None else 0))
+                             total_steps=planned_steps(args, len(rows)),
+                             train_config=SimpleNamespace(model=classifier.config._name_or_path, seed=args.seed))
         self.method_logs: dict[str, list[float]] = {}
         super().__init__(model=classifier, args=args, train_dataset=rows, eval_dataset=evals, data_collator=collate,
                          processing_class=processing_class, compute_metrics=compute_metrics or accuracy, **kwargs)
