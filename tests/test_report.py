@@ -180,3 +180,26 @@ def test_report_with_diagnostics_branches_and_validation(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot write .*report.md: No space left"):
         carlrar.report.write_report(tmp_path)
     assert out.read_text() == report and not list(tmp_path.glob(".*"))
+
+
+def test_each_familys_best_variant_is_chosen_on_validation_never_on_dev():
+    """carl vs carl-proj tie on mean validation (81.00): the paper's default wins; carl-balanced has the best dev
+    (95 %) but a lower validation mean, so it is not chosen; rar-warm beats rar on validation (71.0 vs 70.0)."""
+    runs = [make_run("freelb", s) for s in (0, 1)]
+    for name, family, validation, dev in (("carl", "carl", (0.80, 0.82), 0.8), ("carl-proj", "carl", (0.81, 0.81), 0.8),
+                                          ("carl-balanced", "carl", (0.79, 0.81), 0.95), ("rar", "rar", (0.70, 0.70), 0.8),
+                                          ("rar-warm", "rar", (0.71, 0.71), 0.8)):
+        for seed, v in enumerate(validation):
+            run = make_run(name, seed, config={"method": family})
+            run["final"].update(validation={"accuracy": v}, dev={"accuracy": dev})
+            runs.append(run)
+    best = carlrar.report.family_best(grid(runs), "toy")
+    assert [(m, round(v, 4), n) for m, v, n in best["carl"]] == [("carl", 0.81, 2), ("carl-proj", 0.81, 2),
+                                                                 ("carl-balanced", 0.80, 2)]
+    assert [m for m, _, _ in best["rar"]] == ["rar-warm", "rar"]
+    lines = carlrar.report.family_tables(grid(runs), "toy")
+    assert row(lines, "CARL") == "| CARL | CARL 81.00 (2), carl-proj 81.00 (2), carl-balanced 80.00 (2) | CARL |"
+    assert row(lines, "RAR") == "| RAR | rar-warm 71.00 (2), RAR 70.00 (2) | rar-warm |"
+    assert [line.split(" |")[0] for line in lines if "− FreeLB |" in line] == ["| CARL − FreeLB", "| rar-warm − FreeLB"]
+    # identical per-example correctness in the synthetic runs: every difference is 0
+    assert row(lines, "rar-warm − FreeLB").count("+0.00 [+0.00, +0.00]") == 4
