@@ -26,7 +26,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from carlrar.config import write_yaml
 from carlrar.distributed import broadcast_object
 from carlrar.errors import UserError
-from carlrar.ownership import check_ownership, clear_run, hold_lock, mark, write_whole
+from carlrar.ownership import (check_ownership, clear_run, hold_lock, mark, remove_own,
+                               write_whole)
 
 CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
 # options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
@@ -35,16 +36,17 @@ RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_
 
 
 def recover_checkpoint(out: Path):
-    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last)."""
+    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last). Each folder
+    goes only when all in it is carlrar's (``remove_own``): a checkpoint/ without STATE may be anyone's."""
     final, tmp, old = out / CHECKPOINT, out / (CHECKPOINT + ".tmp"), out / (CHECKPOINT + ".old")
     if not (final / STATE).exists():
-        shutil.rmtree(final, ignore_errors=True)
+        remove_own(final)
         for candidate in (tmp, old):
             if (candidate / STATE).exists():
                 candidate.rename(final)
                 break
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_own(tmp)
+    remove_own(old)
 
 
 def yaml_load(path: Path) -> dict:
