@@ -1,5 +1,5 @@
-"""Output locations: carlrar deletes or replaces only what it can prove it wrote (never a user's file), and one live
-run per directory.
+"""Output locations: carlrar deletes or replaces only what it can prove it wrote (never a user's file), one live run
+per directory, and a failed write is one line that leaves no half-written temporary behind.
 
 Module level uses the CLI and the standard library only: on code from before these guarantees the tests fail on
 the bug itself, not on an import."""
@@ -225,4 +225,45 @@ def test_one_reproduce_per_results_folder(capsys, tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def full_disk(monkeypatch, where: str):
+    """The disk fills while ``where`` writes: half a file, then the error that library raises."""
+    from safetensors import SafetensorError
+
+    def safetensors_full(tensors, filename, *a, **kw):
+        os.makedirs(os.path.dirname(filename), exist_ok=True)
+        open(filename, "wb").write(b"\0" * 100)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    def torch_full(self, output_dir=None, *a, **kw):  # torch.save's zip writer hides the errno
+        os.makedirs(output_dir, exist_ok=True)
+        open(os.path.join(output_dir, "optimizer.bin"), "wb").write(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4416 vs 4310")
+
+    if where == "checkpoint-model":
+        monkeypatch.setattr("carlrar.checkpoint.save_model", lambda model, filename: safetensors_full({}, filename))
+    elif where == "checkpoint-state":
+        import shutil
+
+        monkeypatch.setattr("accelerate.Accelerator.save_state", torch_full)
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    else:  # the best model, written beside the run through Hugging Face's save_pretrained
+        monkeypatch.setattr("transformers.modeling_utils.PreTrainedModel.save_pretrained",
+                            lambda self, folder, **kw: safetensors_full({}, os.path.join(folder, "model.safetensors")))
+
+
+@pytest.mark.parametrize("where", ["checkpoint-model", "checkpoint-state", "best-model"])
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary(capsys, tiny_model_dir, toy_files, tmp_path,
+                                                                      monkeypatch, where):
+    out = tmp_path / "run"
+    full_disk(monkeypatch, where)
+    code, err = run_cli(capsys, train_argv(tiny_model_dir, toy_files["train"], out, "--eval_steps", "2"))
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]  # after the run's progress lines
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: cannot write ") and "No space left on device" in errors[0], errors
+    assert str(out) in errors[0]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], sorted(p.name for p in out.rglob("*"))
+    assert not (out / "checkpoint").exists()  # no half checkpoint swapped in
 

@@ -15,6 +15,7 @@ Without ``fcntl`` (Windows) there is no lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import math
@@ -159,6 +160,24 @@ def json_text(data, indent: int | None = None) -> str:
     return json.dumps(finite(data), indent=indent, allow_nan=False)
 
 
+def cannot_write(path: Path, e: Exception, what: str = "") -> UserError:
+    """The one-line error for a failed write of ``path``. Libraries that write through their own code hide the
+    errno of a full disk (safetensors: "IoError(... StorageFull ...)", torch's zip writer: "unexpected pos"), so a
+    disk with (almost) no room left is named as such; otherwise the error's first line."""
+    text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    if not isinstance(e, OSError) and ("StorageFull" in text or os.strerror(errno.ENOSPC) in text or disk_full(path)):
+        text = os.strerror(errno.ENOSPC)
+    return UserError(f"cannot write {what}{path}: {text.splitlines()[0][:200]}")
+
+
+def disk_full(path: Path) -> bool:
+    existing = next((p for p in (Path(path), *Path(path).absolute().parents) if p.exists()), Path("/"))
+    try:
+        return shutil.disk_usage(existing).free < 2**20
+    except OSError:
+        return False
+
+
 def write_whole(path: Path, content):
     """Write ``content`` to ``path`` whole or not at all: to a temporary name beside it, then renamed over it. A failed
     write (full disk, read-only location, no permission) leaves no half-written file and is a one-line error.
@@ -172,7 +191,7 @@ def write_whole(path: Path, content):
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise cannot_write(path, e) from None
 
 
 def clear_run(out: Path):
