@@ -1,5 +1,6 @@
 """Output locations: carlrar deletes or replaces only what it can prove it wrote (never a user's file), one live run
-per directory, and a failed write is one line that leaves no half-written temporary behind.
+per directory (its lock released however the run ends), and a failed write is one line that leaves no half-written
+temporary behind.
 
 Module level uses the CLI and the standard library only: on code from before these guarantees the tests fail on
 the bug itself, not on an import."""
@@ -191,6 +192,34 @@ def test_the_lock_is_held_while_training_and_released_after(tiny_model_dir, toy_
     train(cfg_for(tiny_model_dir, toy_files, out, max_steps=2))
     assert seen and set(seen) == {str(os.getpid())}
     assert lock_is_free(out)  # released when the run finished
+
+
+def interrupted(*a, **kw):
+    raise KeyboardInterrupt  # Ctrl-C in the middle of a grid's run
+
+
+def test_the_lock_is_released_however_the_run_ends(tiny_model_dir, toy_files, tmp_path, capsys, monkeypatch):
+    """``search`` prunes a trial by raising from ``on_evaluate``: the trial's folder must not stay locked (nor a
+    results folder whose grid was interrupted)."""
+    from carlrar.train import train
+    from test_train import cfg_for
+
+    class Pruned(Exception):
+        pass
+
+    def prune(step, accuracy):
+        raise Pruned()
+
+    out = tmp_path / "trial"
+    with pytest.raises(Pruned):
+        train(cfg_for(tiny_model_dir, toy_files, out, max_steps=4), on_evaluate=prune)
+    assert lock_is_free(out)
+
+    results = tmp_path / "results"
+    monkeypatch.setattr("carlrar.data.load_dataset", lambda *a, **kw: None)  # the data is not the point here
+    monkeypatch.setattr("carlrar.reproduce.execute_run", interrupted)
+    assert run_cli(capsys, ["reproduce", "--results", str(results), "--protocol", "cpu", "--seeds", "1"])[0] == 130
+    assert lock_is_free(results)
 
 
 RACE = "import sys; from carlrar.cli import main; main(sys.argv[1:])"

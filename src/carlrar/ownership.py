@@ -7,9 +7,9 @@ is carlrar's too. A folder holding anything else is refused, with or without ``-
 naming the first foreign entry. A folder without the marker is never taken for a run, whatever its names (a copied
 config, a run from before the marker): the user deletes it.
 
-One live run per folder: the main process holds an OS-level lock (``flock``) on ``LOCK`` inside it. The OS drops
-the lock with the process, so ``kill -9`` leaves no stale lock; a second run refuses with the holder's PID.
-Without ``fcntl`` (Windows) there is no lock.
+One live run per folder: the main process holds an OS-level lock (``flock``) on ``LOCK`` inside it, released when
+the run ends however it ends (``locked``). The OS drops the lock with the process, so ``kill -9`` leaves no stale
+lock; a second run refuses with the holder's PID. Without ``fcntl`` (Windows) there is no lock.
 """
 
 from __future__ import annotations
@@ -141,6 +141,21 @@ def release_lock(out: Path):
     fh = _held.pop(str(out.resolve()), None)
     if fh is not None:
         fh.close()  # closing the last descriptor drops the flock
+
+
+@contextlib.contextmanager
+def locked(out: Path, take: bool = True):
+    """Hold the folder's lock (``take``; else whatever the block takes) until the block exits, however it exits:
+    a search prunes a trial by raising, and the folder must not stay locked for the rest of the process. A lock
+    this process held before the block stays held."""
+    before = str(out.resolve()) in _held
+    try:
+        if take:
+            hold_lock(out)
+        yield
+    finally:
+        if not before:
+            release_lock(out)
 
 
 def mark(out: Path, files: list[str] = ()):
