@@ -1,6 +1,6 @@
-"""Output locations: carlrar deletes or replaces only what it can prove it wrote (never a user's file), one live run
-per directory (its lock released however the run ends), and a failed write is one line that leaves no half-written
-temporary behind.
+"""Output locations: carlrar deletes or replaces only what it can prove it wrote (never a user's file, never the
+command's own input), one live run per directory (its lock released however the run ends), and a failed write is
+one line that leaves no half-written temporary behind.
 
 Module level uses the CLI and the standard library only: on code from before these guarantees the tests fail on
 the bug itself, not on an import."""
@@ -102,7 +102,7 @@ def test_data_inside_the_output_directory_is_refused(tmp_path):
     out.mkdir()
     (out / MARKER).write_text("{}")
     data = write_tsv(out / "metrics.jsonl", TOY_TRAIN)  # even under one of carlrar's own names
-    with pytest.raises(UserError, match="inside the output directory"):
+    with pytest.raises(UserError, match="is inside the --output_dir"):
         prepare_output_dir(out, {"overwrite": True, "train_file": str(data)})
     assert data.read_text().startswith("sentence")
 
@@ -296,3 +296,23 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary(capsys, ti
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], sorted(p.name for p in out.rglob("*"))
     assert not (out / "checkpoint").exists()  # no half checkpoint swapped in
 
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "attack", "augment"])
+@pytest.mark.parametrize("how", ["same-path", "other-spelling", "hard-link"])
+def test_output_never_overwrites_the_commands_input(capsys, tiny_model_dir, tmp_path, monkeypatch, command, how):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "in.jsonl"
+    if command == "augment":
+        source.write_text('{"text": "a", "generated": "b", "label": "1", "edit_rate": 0.5, "changed": true}\n')
+    else:
+        source.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in TOY_TRAIN[:4]))
+    output = {"same-path": str(source), "other-spelling": f"./sub/../{source.name}", "hard-link": "link.jsonl"}[how]
+    (tmp_path / "sub").mkdir()
+    if how == "hard-link":
+        os.link(source, tmp_path / "link.jsonl")
+    before = snapshot(tmp_path)
+    flag = "--samples" if command == "augment" else "--file"
+    model = [] if command == "augment" else ["--model", str(tiny_model_dir)]
+    line = one_error(*run_cli(capsys, [command, *model, flag, str(source), "--output", output]))
+    assert flag in line and "--output" in line, line
+    assert snapshot(tmp_path) == before

@@ -1,11 +1,11 @@
-"""Who owns an output directory: what carlrar may delete or replace there, and the one live run it may hold.
+"""Who owns an output location: what carlrar may delete or replace there, and the one live run it may hold.
 
 carlrar deletes or replaces only what it can prove it wrote. A folder it trains into carries ``MARKER`` (written
 when carlrar made or adopted an empty folder, and listing the model files ``save_best`` moved in); within it only
 carlrar's own names are ever removed, and a folder of carlrar's name (``checkpoint/``) only when everything in it
 is carlrar's too. A folder holding anything else is refused, with or without ``--overwrite``, by a one-line error
 naming the first foreign entry. A folder without the marker is never taken for a run, whatever its names (a copied
-config, a run from before the marker): the user deletes it.
+config, a run from before the marker): the user deletes it. Nor is a command's input ever its output.
 
 One live run per folder: the main process holds an OS-level lock (``flock``) on ``LOCK`` inside it, released when
 the run ends however it ends (``locked``). The OS drops the lock with the process, so ``kill -9`` leaves no stale
@@ -90,17 +90,28 @@ def entries(folder: Path) -> list[Path]:
         return []
 
 
+def refuse_input(out: Path, inputs: dict[str, str | None], flag: str):
+    """Refuse an output (``--flag out``) that is one of the command's inputs (flag → path) or holds one: the same
+    path however spelled, a hard link to it (``samefile``), or a folder it lies in."""
+    for name, path in inputs.items():
+        if not path:
+            continue
+        target = Path(path).resolve()
+        same = out.resolve() == target
+        with contextlib.suppress(OSError):
+            same = same or (out.exists() and os.path.samefile(out, path))
+        if same or out.resolve() in target.parents:
+            raise UserError(f"--{name} {path} is {'' if same else 'inside '}the --{flag} {out}; carlrar never "
+                            f"writes over its input files: choose another --{flag}")
+
+
 def check_ownership(out: Path, inputs: dict[str, str | None] = {}):  # noqa: B006 (read only)
     """Refuse, before anything is written, a folder carlrar may not train into: a file, a folder holding anything
     carlrar did not write, or one without the marker that proves its contents carlrar's (an empty one is adopted).
     ``inputs`` (flag → path): data the run reads, which must not lie inside the folder."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file, not a directory")
-    resolved = out.resolve()
-    for flag, path in inputs.items():
-        if path and resolved in Path(path).resolve().parents:
-            raise UserError(f"--{flag} {path} is inside the output directory {out}; carlrar never touches its input "
-                            "files: choose another --output_dir")
+    refuse_input(out, inputs, "output_dir")
     if not out.is_dir():
         return
     foreign = foreign_entry(out, recorded(out))
