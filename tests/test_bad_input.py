@@ -166,7 +166,12 @@ def test_only_one_class_in_train(capsys, tiny_model_dir, tmp_path, data_dir, out
     ("epochs: 1\nlearning_rate: 1.0e-5\n", "{cfg}: unknown option 'learning_rate'"),
     ("lr: 1.0e-5\n  batch_size: [3\n", "{cfg}:2: not valid YAML ("),
     ("- lr\n- 1.0e-5\n", "{cfg}: expected a mapping of option: value"),
-], ids=["unparseable-value", "unknown-key", "invalid-yaml", "not-a-mapping"])
+    ("lr: true\n", "{cfg}: lr: cannot read True as float"),
+    ("output_dir: [a]\n", "{cfg}: output_dir: cannot read ['a'] as text"),
+    ("output_dir: 5\n", "{cfg}: output_dir: cannot read 5 as text"),
+    ("batch_size: {a: 1}\n", "{cfg}: batch_size: cannot read {{'a': 1}} as int"),
+], ids=["unparseable-value", "unknown-key", "invalid-yaml", "not-a-mapping", "bool-as-number", "list-as-path",
+        "number-as-path", "mapping-as-number"])
 def test_bad_config_file(capsys, tiny_model_dir, files, out, tmp_path, yaml_text, expected):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml_text, encoding="utf-8")
@@ -301,7 +306,11 @@ def test_augment_bad_samples(capsys, tmp_path, content, expected):
     (("--train_subset", "-5"), "train_subset = -5: must be a whole number ≥ 1"),
     (("--warmup_ratio", "nan"), "warmup_ratio = nan: must be a finite number in [0, 1]"),
     (("--adv_lr", "-0.1", "--method", "freelb"), "adv_lr = -0.1: must be a finite number ≥ 0"),
-], ids=["nan-lr", "inf-epochs", "negative-seed", "negative-subset", "nan-warmup", "negative-adv-lr"])
+    (("--threads", "100000"), "threads = 100000: must be a whole number in [0, 1024]"),  # was a segfault
+    (("--carl_proj_dim", "10000000", "--method", "carl"), "carl_proj_dim = 10000000: must be a whole number in "
+     "[0, 65536]"),
+], ids=["nan-lr", "inf-epochs", "negative-seed", "negative-subset", "nan-warmup", "negative-adv-lr", "huge-threads",
+        "huge-proj-dim"])
 def test_out_of_range_training_options(capsys, tiny_model_dir, files, out, flags, expected):
     msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], *flags))
     assert msg == expected

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from carlrar.config import write_yaml
 from carlrar.distributed import broadcast_object
 from carlrar.errors import UserError
-from carlrar.ownership import check_ownership, clear_run, hold_lock, mark, write_whole
+from carlrar.ownership import (cannot_write, check_ownership, clear_run, hold_lock, mark, remove_own,
+                               write_whole)
 
 CHECKPOINT, STATE, METHOD_STATE, MODEL = "checkpoint", "trainer_state.json", "method_state.safetensors", "model.safetensors"
 # options a resumed run may change (e.g. resume with --skip_nonfinite after a NaN stopped it)
@@ -35,16 +36,17 @@ RESUME_IGNORES = {"overwrite", "threads", "output_dir", "eval_batch_size", "log_
 
 
 def recover_checkpoint(out: Path):
-    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last)."""
+    """After a kill during ``replace_dir``: keep whichever complete copy exists (STATE is written last). Each folder
+    goes only when all in it is carlrar's (``remove_own``): a checkpoint/ without STATE may be anyone's."""
     final, tmp, old = out / CHECKPOINT, out / (CHECKPOINT + ".tmp"), out / (CHECKPOINT + ".old")
     if not (final / STATE).exists():
-        shutil.rmtree(final, ignore_errors=True)
+        remove_own(final)
         for candidate in (tmp, old):
             if (candidate / STATE).exists():
                 candidate.rename(final)
                 break
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_own(tmp)
+    remove_own(old)
 
 
 def yaml_load(path: Path) -> dict:
@@ -128,10 +130,11 @@ def save_checkpoint(accelerator, out: Path, model, method, state: dict):
             (tmp / (STATE + ".part")).write_text(json.dumps(state))
             os.replace(tmp / (STATE + ".part"), tmp / STATE)  # STATE marks a complete copy: never half of it
             replace_dir(tmp, out / CHECKPOINT)
-    except OSError as e:  # e.g. disk full: drop the partial copy, keep the last complete checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write a checkpoint to {out}: {e.strerror or e}; the last complete checkpoint "
-                        "is kept, so the same command resumes once there is room") from None
+    except Exception as e:  # noqa: BLE001 (a full disk: OSError, SafetensorError, torch's RuntimeError alike)
+        error = cannot_write(out / CHECKPOINT, e)  # before the partial copy goes: it is what filled the disk
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete checkpoint is kept
+        raise UserError(f"{error}; the last complete checkpoint is kept, so the same command resumes once there is "
+                        "room") from None
     accelerator.wait_for_everyone()
 
 
@@ -174,9 +177,14 @@ def logged_step(line: str) -> float:
 def save_best(model, tokenizer, out: Path):
     """The best-dev model in Hugging Face format at the top of ``out``, written beside and moved in file by file."""
     tmp = out / "best.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, tokenizer)
-    names = [f.name for f in tmp.iterdir()]
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a failed write of this run (claiming the folder checked it)
+    try:
+        model.save(tmp, tokenizer)
+        names = [f.name for f in tmp.iterdir()]
+    except Exception as e:  # noqa: BLE001 (a full disk: OSError, SafetensorError alike)
+        error = cannot_write(out, e, "the best model to ")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from None
     mark(out, names)  # listed before they land: a kill in between leaves them provably carlrar's
     for name in names:
         (tmp / name).replace(out / name)

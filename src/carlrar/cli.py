@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from carlrar.errors import UserError, need
+from carlrar.ownership import refuse_input  # standard library only: cheap to import for every command
 from carlrar.validation import SEED_MAX, check_path, checks_value, number, parsed, path, text
 
 
@@ -158,6 +159,7 @@ def cmd_augment(argv: list[str]):
     p.add_argument("--with-originals", action="store_true", help="also write the original texts")
     p.add_argument("--max-edit-rate", type=number(low=0, high=1))
     args = p.parse_args(argv)
+    refuse_input(Path(args.output), {"samples": args.samples}, "output")
     rows, generated = augment(Path(args.samples), Path(args.output), args.with_originals, args.max_edit_rate)
     print(f"{rows} rows written to {args.output} ({generated} generated)", file=sys.stderr)
 
@@ -177,6 +179,8 @@ def cmd_predict(argv: list[str]):
     p.add_argument("--max-length", type=number(whole=True, low=2), default=128)
     p.add_argument("--batch-size", type=number(whole=True, low=1), default=64)
     args = p.parse_args(argv)
+    if args.output:
+        refuse_input(Path(args.output), {"file": args.file}, "output")
     texts = read_texts(args.file, args.text_column)
     model, tokenizer = load_trained(args.model), load_tokenizer(args.model)
     check_max_length(model, tokenizer, args.max_length)
@@ -337,6 +341,7 @@ def _result_path(args, kind: str, suffix: str = ".json") -> Path:
     """--output, else MODEL/<kind>_<tag><suffix> (beside the model); checked writable before any work."""
     out = Path(args.output or Path(args.model) / f"{kind}_{_tag(args)}{suffix}")
     check_path(str(out), "new_file")
+    refuse_input(out, {"file": args.file}, "output")
     return out
 
 

@@ -100,7 +100,8 @@ class TrainConfig:
                  "eval_steps": 0, "max_steps": 0, "epochs": 0, "threads": 0, "validation_size": 0,
                  "diagnostics_steps": 0, "train_subset": 1, "weight_decay": 0, "warmup_ratio": 0, "grad_clip": 0,
                  "seed": 0},
-        above={"lr": 0}, maximum={"warmup_ratio": 1, "seed": SEED_MAX},
+        # threads: far beyond any machine's cores torch cannot start them (100000 crashed the process)
+        above={"lr": 0}, maximum={"warmup_ratio": 1, "seed": SEED_MAX, "threads": 1024},
         paths={"model": "model", "output_dir": "new_dir", "data_dir": "dir", "train_file": "file", "dev_file": "file",
                "test_file": "file", "init_from": "run", "config": "file"})
 
@@ -112,7 +113,9 @@ class TrainConfig:
 
 
 def _coerce(value, tp, where: str):
-    """Check a YAML value against a field type; a wrong value is a one-line error naming the key."""
+    """Check a YAML value against a field type; a wrong value is a one-line error naming the key. YAML gives typed
+    values, so only the forgiving readings are allowed: a number or a numeric text for a number (``1e-5`` unquoted
+    is text to YAML), yes / no for a switch; never a switch for a number, nor a list, mapping or number for text."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if value is None and type(None) in typing.get_args(tp):
         return None
@@ -124,11 +127,18 @@ def _coerce(value, tp, where: str):
             if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
                 return str(value).lower() in ("true", "yes", "1")
             raise ValueError
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return tp(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}: cannot read {value!r} as {tp.__name__}") from None
+        kind = "text" if tp is str else tp.__name__
+        raise UserError(f"{where}: cannot read {value!r} as {kind}") from None
 
 
 def check(config):

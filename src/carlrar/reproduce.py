@@ -25,7 +25,7 @@ from pathlib import Path
 from carlrar.attack import AttackConfig
 from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
 from carlrar.errors import UserError
-from carlrar.ownership import hold_lock, json_text, release_lock, write_whole
+from carlrar.ownership import json_text, locked, write_whole
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 # relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
@@ -176,6 +176,10 @@ def execute_run(configs, attack: AttackConfig | None) -> dict:
     return {**record, "attack": result, "per_example": per_example}
 
 
+def say(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def format_seconds(s: float) -> str:
     h, m = divmod(int(s) // 60, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m"
@@ -210,7 +214,17 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         (results / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the results folder {results}: {e.strerror}") from None
-    hold_lock(results)  # one grid per results folder: two would write one index.json and race for its runs
+    with locked(results):  # one grid per results folder: two would write one index.json and race for its runs
+        index = run_grid(protocol, results, configs, grid, extra, keep_checkpoints, command)
+    failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
+    if failed:
+        say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))
+    return index
+
+
+def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra: dict, keep_checkpoints: bool,
+             command: str) -> dict:
+    """``reproduce``'s grid, under the results folder's lock: the index brought up to date, then each run not done."""
     index_file = results / "index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {"runs": {}}
     index.update(protocol=dataclasses.asdict(protocol), command=command or index.get("command", ""),
@@ -225,7 +239,6 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     write_json(index_file, index)
 
     todo = [(name, g) for name, g in zip(configs, grid) if index["runs"][name]["status"] != "done"]
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     say(f"{len(grid) - len(todo)}/{len(grid)} runs done; {len(todo)} to go")
     for k, (name, g) in enumerate(todo):
         eta = estimate_remaining(index, [g for _, g in todo[k:]])
@@ -255,8 +268,4 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         write_json(index_file, index)
         say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f}" + (" · under attack " + " / ".join(
             f"{v:.4f}" for v in entry["attack"].values()) if entry["attack"] else ""))
-    release_lock(results)
-    failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
-    if failed:
-        say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))
     return index

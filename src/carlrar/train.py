@@ -1,4 +1,4 @@
-"""The training loop: read ``train`` top to bottom. Methods plug in through ``carlrar.methods.Method`` (a step
+"""The training loop: read ``_train`` top to bottom. Methods plug in through ``carlrar.methods.Method`` (a step
 function and its objective terms); the loop owns the data order, the update, evaluation and checkpoints.
 The output directory's layout, checkpoints and resume are in ``carlrar.checkpoint``.
 """
@@ -28,14 +28,19 @@ from carlrar.errors import UserError
 from carlrar.evaluate import evaluate_split
 from carlrar.methods import METHODS, Method
 from carlrar.models import check_max_length, count_parameters, load_classifier, load_tokenizer
-from carlrar.ownership import json_text, release_lock, write_whole
+from carlrar.ownership import json_text, locked, write_whole
 from carlrar.speed import ThroughputMeter, measure_matmul_peak
 
 
 def train(cfg: TrainConfig, *method_configs, on_evaluate=None) -> dict:
     """Train ``cfg.method`` with its config dataclasses (``METHODS[...].config_classes``; defaults when omitted).
     ``on_evaluate(step, dev_accuracy)`` is called after each dev evaluation and checkpoint (e.g. to prune a search
-    trial by raising)."""
+    trial by raising). The output directory's lock is released however training ends: the search goes on."""
+    with locked(cfg.resolved_output_dir(), take=False):  # taken by claim_output_dir, on the main process
+        return _train(cfg, method_configs, on_evaluate)
+
+
+def _train(cfg: TrainConfig, method_configs: tuple, on_evaluate) -> dict:
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
     if cfg.threads:
@@ -307,7 +312,6 @@ def finish(run: Run, train_examples: int, peak: float) -> dict:
             final["test"] = evaluate_split(load_trained(run.out), test_data, run.ds.label_names,
                                            run.tokenizer.pad_token_id, cfg.eval_batch_size)
         write_whole(run.out / "final_metrics.json", json_text(final, indent=2))
-        release_lock(run.out)
         chosen_on = f"validation accuracy {state['best_accuracy']:.4f} (dev {final['dev']['accuracy']:.4f})" \
             if state.get("best_val") else f"dev accuracy {state['best_accuracy']:.4f}"
         run.say(f"done: best {chosen_on} at step {state['best_step']} · "

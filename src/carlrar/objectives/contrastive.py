@@ -226,7 +226,7 @@ class ContrastiveConfig:
         minimum={"carl_negatives": 1, "carl_temperature": 1e-6, "carl_start_step": 0, "carl_proj_dim": 0,
                  "carl_weight_ratio": 0, "carl_balance_steps": 1, "carl_plateau_patience": 1, "carl_momentum": 0,
                  "carl_weight": 0, "carl_z_momentum": 0},
-        maximum={"carl_momentum": 1, "carl_z_momentum": 1})
+        maximum={"carl_momentum": 1, "carl_z_momentum": 1, "carl_proj_dim": 65536})  # a wider head is a mistake
 
     def __post_init__(self):
         check(self)
