@@ -100,14 +100,40 @@ def cmd_attack(argv: list[str]):
     _data_args(p)
     _attack_args(p)
     _subset_args(p, "attack only a seeded random subset of this many examples")
-    p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json)")
+    p.add_argument("--recipe", type=text, help="instead of k-PGD, text-level attacks: TextAttack recipes, "
+                   "comma-separated, of deepwordbug, pruthi, pwws (needs make textattack)")
+    p.add_argument("--query-budget", type=number(whole=True, low=1), help="--recipe: at most this many model "
+                   "queries per example (default: no limit)")
+    p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json; "
+                   "--recipe: a JSONL of examples, MODEL/textattack_<dataset>_<split>.jsonl, and OUT_summary.json)")
     args = p.parse_args(argv)
+    if args.recipe:
+        return _text_attack(args)
     attack, out = _attack_config(args), _result_path(args, "attack")  # bad knobs fail before the model loads
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
     result = run_attack(model, data, tokenizer.pad_token_id, attack, args.batch_size, args.seed)
     _write_result(out, args, result)
     print_attack(result, f"{args.model} on {_tag(args)}")
     print(f"results written to {out}", file=sys.stderr)
+
+
+def _text_attack(args):
+    """carlrar attack --recipe: each recipe on the (seeded subset of the) split; examples as JSONL, summaries beside."""
+    from carlrar.textattack_recipes import parse_recipes, require_textattack, run_identity, run_recipes
+
+    recipes = parse_recipes(args.recipe)
+    require_textattack(recipes)  # one line, before the model loads
+    out = _result_path(args, "textattack", ".jsonl")
+    model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
+    summary = run_recipes(model, tokenizer, data, names, recipes, out, args.query_budget, args.seed,
+                          args.max_length, {"model": str(args.model), **run_identity(args.model), "data": _tag(args),
+                           "limit": args.limit})
+    for recipe, s in summary["recipes"].items():
+        print(f"{recipe}: clean {100 * s['clean_accuracy']:.1f} % → under attack "
+              f"{100 * s['accuracy_under_attack']:.1f} % (success rate {100 * s['attack_success_rate']:.1f} %, "
+              f"{s['words_perturbed_pct']:.1f} % words perturbed, {s['mean_queries']:.0f} queries, "
+              f"{s['seconds']:.0f} s)")
+    print(f"examples written to {out}, summary to {summary['summary_file']}", file=sys.stderr)
 
 
 def cmd_generate(argv: list[str]):
