@@ -118,3 +118,27 @@ def test_a_tiny_model_attacked_end_to_end_by_deepwordbug(boundary_model_dir, toy
     again = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == \
            [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_rar_samples_are_replayed_as_a_transfer_attack(boundary_model_dir, toy_files, tmp_path):
+    """No TextAttack needed: each example's generated text against the target; outcomes from its predictions."""
+    from carlrar.evaluate import predict_texts
+    from carlrar.models import load_tokenizer, load_trained
+
+    model, tokenizer = load_trained(boundary_model_dir), load_tokenizer(str(boundary_model_dir))
+    texts = ["a wonderful film", "i hated it", "superb", "awful"]
+    labels = [1, 0, 1, 0]
+    generated = ["a wonderful wonderful", "i loved it", "superb", "great"]
+    samples = [{"text": t, "original_decoded": t, "generated": g, "label": str(y), "edit_rate": 0.5,
+                "changed": t != g} for t, g, y in zip(texts, generated, labels)]
+    records = ta.replay_samples(model, tokenizer, texts, labels, ["0", "1"], samples)
+    before = predict_texts(model, tokenizer, texts).argmax(-1).tolist()
+    after = predict_texts(model, tokenizer, generated).argmax(-1).tolist()
+    for r, b, a, y, t, g in zip(records, before, after, labels, texts, generated):
+        want = "skipped" if b != y else "successful" if (t != g and a != y) else "failed"
+        assert (r["outcome"], r["pred_before"], r["pred_after"], r["queries"]) == (want, str(b), str(a), 0)
+    assert [r["words_changed"] for r in records] == [1, 1, 0, 1]
+    with pytest.raises(UserError, match="no sample for 1 of the 5 examples"):
+        ta.replay_samples(model, tokenizer, texts + ["new"], labels + [1], ["0", "1"], samples)
+    with pytest.raises(UserError, match="--samples .* goes with --recipe rar-samples"):
+        ta.require_textattack(["rar-samples"], None)

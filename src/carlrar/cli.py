@@ -104,6 +104,8 @@ def cmd_attack(argv: list[str]):
                    "comma-separated, of deepwordbug, pruthi, pwws (needs make textattack)")
     p.add_argument("--query-budget", type=number(whole=True, low=1), help="--recipe: at most this many model "
                    "queries per example (default: no limit)")
+    p.add_argument("--samples", type=path("file"), help="--recipe rar-samples: the JSONL of carlrar generate (RAR's "
+                   "text-form samples of the same examples) to replay against --model")
     p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json; "
                    "--recipe: a JSONL of examples, MODEL/textattack_<dataset>_<split>.jsonl, and OUT_summary.json)")
     args = p.parse_args(argv)
@@ -121,13 +123,17 @@ def _text_attack(args):
     """carlrar attack --recipe: each recipe on the (seeded subset of the) split; examples as JSONL, summaries beside."""
     from carlrar.textattack_recipes import parse_recipes, require_textattack, run_identity, run_recipes
 
+    from carlrar.generate import read_samples
+
     recipes = parse_recipes(args.recipe)
-    require_textattack(recipes)  # one line, before the model loads
+    require_textattack(recipes, args.samples)  # one line, before the model loads
+    samples = read_samples(Path(args.samples)) if args.samples else None
     out = _result_path(args, "textattack", ".jsonl")
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
+    about = {"model": str(args.model), **run_identity(args.model), "data": _tag(args), "limit": args.limit,
+             "samples": args.samples}
     summary = run_recipes(model, tokenizer, data, names, recipes, out, args.query_budget, args.seed,
-                          args.max_length, {"model": str(args.model), **run_identity(args.model), "data": _tag(args),
-                           "limit": args.limit})
+                          args.max_length, about, samples=samples)
     for recipe, s in summary["recipes"].items():
         print(f"{recipe}: clean {100 * s['clean_accuracy']:.1f} % → under attack "
               f"{100 * s['accuracy_under_attack']:.1f} % (success rate {100 * s['attack_success_rate']:.1f} %, "

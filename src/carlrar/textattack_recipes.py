@@ -42,6 +42,11 @@ NLTK_DATA = Path(os.environ.get("CARLRAR_NLTK_DATA", Path.home() / ".cache" / "c
 OUTCOMES = ("successful", "failed", "skipped")  # skipped: the model was already wrong on the original
 
 
+# not TextAttack's: the text-form samples ``carlrar generate`` decodes from a RAR model (Table 6), replayed against
+# the attacked model (a transfer attack: no queries to it), from ``--samples`` (the generate JSONL)
+RAR_SAMPLES = "rar-samples"
+
+
 def parse_recipes(names: str) -> list[str]:
     """Comma-separated recipe names → the list, each known and runnable offline, or a one-line error."""
     recipes = [n.strip().lower() for n in names.split(",") if n.strip()]
@@ -49,16 +54,19 @@ def parse_recipes(names: str) -> list[str]:
         if name in NEED_DOWNLOADS:
             raise UserError(f"recipe {name!r} needs downloads ({NEED_DOWNLOADS[name]}): not available offline; "
                             f"offline recipes: {', '.join(RECIPES)}")
-        if name not in RECIPES:
-            raise UserError(f"unknown recipe {name!r} (offline recipes: {', '.join(RECIPES)})")
+        if name not in RECIPES and name != RAR_SAMPLES:
+            raise UserError(f"unknown recipe {name!r} (offline recipes: {', '.join(RECIPES)}, {RAR_SAMPLES})")
     if not recipes or len(set(recipes)) != len(recipes):
         raise UserError(f"--recipe {names!r}: give each recipe once, e.g. deepwordbug,pwws")
     return recipes
 
 
-def require_textattack(recipes: list[str]):
-    """One-line errors before any model loads: TextAttack missing, or WordNet missing for PWWS."""
-    if importlib.util.find_spec("textattack") is None:
+def require_textattack(recipes: list[str], samples: str | None = None):
+    """One-line errors before any model loads: TextAttack missing, WordNet missing for PWWS, rar-samples without
+    --samples."""
+    if (RAR_SAMPLES in recipes) != bool(samples):
+        raise UserError(f"--samples (a JSONL of carlrar generate) goes with --recipe {RAR_SAMPLES}, and it needs one")
+    if set(recipes) - {RAR_SAMPLES} and importlib.util.find_spec("textattack") is None:
         raise UserError(f"carlrar attack --recipe needs TextAttack, an optional install: {INSTALL}")
     if "pwws" in recipes and not (NLTK_DATA / "corpora" / "wordnet" / "lexnames").is_file():
         raise UserError(f"recipe pwws needs WordNet in {NLTK_DATA}: scripts/nltk-data.sh (or make textattack)")
@@ -176,6 +184,34 @@ def attack_examples(model, tokenizer, texts: list[str], labels: list[int], names
     return records
 
 
+def replay_samples(model, tokenizer, texts: list[str], labels: list[int], names: list[str], samples: list[dict],
+                   max_length: int = 128) -> list[dict]:
+    """RAR's text-form samples as an attack: per example, the target's prediction on the raw text and on the sample
+    generated from it; records as ``attack_examples`` writes them (queries 0: nothing is asked of the target). A
+    sample the reconstructor left unchanged does not fool (as ``carlrar.generate.summarize`` counts it)."""
+    from carlrar.evaluate import predict_texts
+
+    by_text = {r["text"]: r for r in samples}
+    missing = [t for t in texts if t not in by_text]
+    if missing:
+        raise UserError(f"--samples has no sample for {len(missing)} of the {len(texts)} examples (e.g. "
+                        f"{missing[0][:60]!r}): generate them with the same data, --limit and --seed")
+    chosen = [by_text[t] for t in texts]
+    started = time.perf_counter()
+    before = predict_texts(model, tokenizer, texts, max_length).argmax(-1).tolist()
+    after = predict_texts(model, tokenizer, [r["generated"] for r in chosen], max_length).argmax(-1).tolist()
+    seconds = (time.perf_counter() - started) / max(len(texts), 1)
+    records = []
+    for i, (text, label, sample, b, a) in enumerate(zip(texts, labels, chosen, before, after)):
+        fooled = sample["changed"] and a != label
+        n_words, changed = words_changed(sample.get("original_decoded", text), sample["generated"])
+        records.append({"index": i, "recipe": RAR_SAMPLES, "original": text, "perturbed": sample["generated"],
+                        "label": names[label], "pred_before": names[b], "pred_after": names[a], "queries": 0,
+                        "outcome": "skipped" if b != label else "successful" if fooled else "failed",
+                        "words": n_words, "words_changed": changed, "seconds": round(seconds, 4)})
+    return records
+
+
 def summarize(records: list[dict]) -> dict:
     """Clean accuracy and accuracy under attack (of all examples), the attack success rate (of the examples the
     model got right), words perturbed % (mean over successful attacks of changed / words), mean queries (over
@@ -196,16 +232,16 @@ def summarize(records: list[dict]) -> dict:
 
 def run_recipes(model, tokenizer, data, names: list[str], recipes: list[str], out: Path,
                 query_budget: int | None = None, seed: int = 0, max_length: int = 128, about: dict | None = None,
-                log=None) -> dict:
+                log=None, samples: list[dict] | None = None) -> dict:
     """Every recipe on every example of ``data`` (an EncodedSplit: its raw texts are attacked). The examples go to
     ``out`` (JSONL, rewritten whole after each recipe), the summary to OUT_summary.json; returns the summary."""
     from carlrar.flair_standin import install
     from carlrar.ownership import json_text, write_whole
 
-    textattack = import_textattack()
+    textattack = set(recipes) - {RAR_SAMPLES} and import_textattack()
     summary = {**(about or {}), "examples": len(data), "seed": seed, "query_budget": query_budget,
-               "max_length": max_length, "textattack": textattack.__version__ if hasattr(textattack, "__version__")
-               else _version("textattack"), "flair_stand_in": install(), "recipes": {}}
+               "max_length": max_length, "textattack": _version("textattack") if textattack else None,
+               "flair_stand_in": install() if textattack else None, "recipes": {}}
     summary_file = out.with_name(out.stem + "_summary.json")
     records: list[dict] = []
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -213,8 +249,11 @@ def run_recipes(model, tokenizer, data, names: list[str], recipes: list[str], ou
         started = time.time()
         tick = lambda r: r["index"] % 50 == 49 and log(f"{recipe}: {r['index'] + 1}/{len(data)} examples, "  # noqa: E731
                                                        f"{time.time() - started:.0f} s")
-        new = attack_examples(model, tokenizer, list(data.texts), list(data.labels), names, recipe, query_budget,
-                              seed, max_length, tick)
+        if recipe == RAR_SAMPLES:
+            new = replay_samples(model, tokenizer, list(data.texts), list(data.labels), names, samples, max_length)
+        else:
+            new = attack_examples(model, tokenizer, list(data.texts), list(data.labels), names, recipe,
+                                  query_budget, seed, max_length, tick)
         records += new
         summary["recipes"][recipe] = {**summarize(new), "wall_seconds": round(time.time() - started, 1)}
         write_whole(out, "".join(json_text(r) + "\n" for r in records))
