@@ -142,3 +142,36 @@ def test_rar_samples_are_replayed_as_a_transfer_attack(boundary_model_dir, toy_f
         ta.replay_samples(model, tokenizer, texts + ["new"], labels + [1], ["0", "1"], samples)
     with pytest.raises(UserError, match="--samples .* goes with --recipe rar-samples"):
         ta.require_textattack(["rar-samples"], None)
+
+
+@needs_textattack
+def test_reproduce_attacks_every_run_and_the_report_compares_with_freelb(tiny_model_dir, toy_files, tmp_path):
+    """A grid of FreeLB and RAR (one seed, 4 steps each) with text_attack: DeepWordBug on 4 dev examples and RAR's
+    samples replayed; the report's table cells are the runs' summaries."""
+    import yaml
+
+    toy = {"model": str(tiny_model_dir), "train_file": str(toy_files["train"]), "dev_file": str(toy_files["dev"]),
+           "text_column": "sentence", "max_steps": 4, "eval_steps": 2, "batch_size": 8, "lr": 1e-3}
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "methods": ["freelb", "rar"], "datasets": ["toy"], "seeds": [0], "datasets_overrides": {"toy": toy},
+        "attack": {"eps": [0.1], "steps": 2, "distance_alphas": []},
+        "text_attack": {"recipes": ["deepwordbug"], "examples": 4, "seed": 1, "rar_samples": "rar"}}))
+    results = tmp_path / "results"
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    text = results / "text_attacks"
+    for run in ("toy-freelb-s0", "toy-rar-s0"):
+        summary = json.loads((text / f"{run}_summary.json").read_text())
+        assert summary["examples"] == 4 and set(summary["recipes"]) == {"deepwordbug"}
+        replay = json.loads((text / f"{run}-rar-samples_summary.json").read_text())
+        assert replay["recipes"]["rar-samples"]["n"] == 4 and replay["recipes"]["rar-samples"]["mean_queries"] == 0
+        record = json.loads((results / "runs" / f"{run}.json").read_text())
+        assert record["text_attack"]["deepwordbug"] == summary["recipes"]["deepwordbug"]
+    assert len((text / "toy-rar-s0-samples.jsonl").read_text().splitlines()) == 4
+    main(["report", str(results)])
+    report = (results / "report.md").read_text()
+    assert "## Accuracy under text attacks (toy, 4 dev examples" in report and "| RAR − FreeLB |" in report
+    rar = json.loads((text / "toy-rar-s0_summary.json").read_text())["recipes"]["deepwordbug"]
+    section = report.split("## Accuracy under text attacks")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| RAR | 1 |"))
+    assert f"| {100 * rar['accuracy_under_attack']:.2f} |" in row

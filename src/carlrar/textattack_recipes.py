@@ -14,6 +14,7 @@ it does that TextAttack's own ``Attacker`` would not:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import random
@@ -25,7 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from carlrar.config import Limits, check, config_field
 from carlrar.errors import UserError
+from carlrar.validation import SEED_MAX
 
 # carlrar name → TextAttack recipe class: the recipes that run without downloads (DeepWordBug and Pruthi edit
 # characters, PWWS swaps WordNet synonyms weighted by saliency)
@@ -45,6 +51,42 @@ OUTCOMES = ("successful", "failed", "skipped")  # skipped: the model was already
 # not TextAttack's: the text-form samples ``carlrar generate`` decodes from a RAR model (Table 6), replayed against
 # the attacked model (a transfer attack: no queries to it), from ``--samples`` (the generate JSONL)
 RAR_SAMPLES = "rar-samples"
+
+
+@dataclass
+class TextAttackConfig:
+    """A reproduce protocol's ``text_attack:`` section: every run's model attacked by these recipes on one seeded
+    subset of dev, and (``rar_samples``) the text-form samples of that seed's RAR run replayed against it."""
+
+    recipes: list[str] = field(default_factory=lambda: ["deepwordbug", "pwws"],
+                               metadata={"help": "TextAttack recipes (deepwordbug, pruthi, pwws)"})
+    examples: int = config_field(200, "a seeded subset of this many dev examples, the same for every run")
+    seed: int = config_field(0, "seed of the subset and of the attacks")
+    query_budget: int | None = config_field(None, "at most this many model queries per example (None: no limit)")
+    rar_samples: str | None = config_field(None, "a method or variant of the grid (e.g. rar) whose carlrar generate "
+                                           "samples of the subset are replayed against every run of its seed")
+
+    LIMITS: ClassVar[Limits] = Limits(minimum={"examples": 1, "seed": 0}, above={"query_budget": 0},
+                                      maximum={"seed": SEED_MAX})
+
+    def __post_init__(self):
+        self.recipes = list(self.recipes) if isinstance(self.recipes, (list, tuple)) else [self.recipes]
+        check(self)
+        if self.recipes:
+            self.recipes = parse_recipes(",".join(map(str, self.recipes)))
+        if RAR_SAMPLES in self.recipes:
+            raise UserError(f"recipes: {RAR_SAMPLES} is set with rar_samples: METHOD")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> TextAttackConfig:
+        options = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls(**options)
+        except (UserError, TypeError) as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def parse_recipes(names: str) -> list[str]:
@@ -98,7 +140,7 @@ def run_identity(model_dir: str) -> dict:
 
     config_file = Path(model_dir) / "carlrar_config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    return {"run": Path(model_dir).resolve().name, "method": config.get("method"), "seed": config.get("seed")}
+    return {"run": Path(model_dir).resolve().name, "method": config.get("method"), "train_seed": config.get("seed")}
 
 
 def model_wrapper(model, tokenizer, max_length: int, batch_size: int = 64):
