@@ -3,6 +3,8 @@
 # same seeded 200-example SST-2 dev subset, one process and one thread at a time (the machine is shared).
 #   usage: scripts/text-attack-models.sh MODELS_DIR OUT_DIR RECIPES [RUN...]
 #   e.g.   scripts/text-attack-models.sh ../main/results/converged-sst2/models results/text-attacks deepwordbug,pwws
+# RAR's text-form samples: SAMPLES=FILE (carlrar generate --limit 200 --seed 0 on the RAR model) with RECIPES
+# rar-samples.
 # A run's attack is skipped when OUT_DIR/<run>-<recipes>_summary.json exists (resumable); a model without
 # final_metrics.json is still training and is left out.
 set -euo pipefail
@@ -15,5 +17,5 @@ for run in "${runs[@]}"; do
   [ -f "$out/$run-${tag}_summary.json" ] && continue
   echo "== $run: $recipes ($(date -u +%H:%M:%S))"
   nice -n 10 carlrar attack --model "$models/$run" --dataset sst2 --split dev --limit 200 --seed 0 \
-    --recipe "$recipes" --output "$out/$run-$tag.jsonl"
+    --recipe "$recipes" ${SAMPLES:+--samples "$SAMPLES"} --output "$out/$run-$tag.jsonl"
 done

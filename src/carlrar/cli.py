@@ -101,7 +101,8 @@ def cmd_attack(argv: list[str]):
     _attack_args(p)
     _subset_args(p, "attack only a seeded random subset of this many examples")
     p.add_argument("--recipe", type=text, help="instead of k-PGD, text-level attacks: TextAttack recipes, "
-                   "comma-separated, of deepwordbug, pruthi, pwws (needs make textattack)")
+                   "comma-separated, of deepwordbug, pruthi, pwws (needs make textattack), or rar-samples (RAR's "
+                   "text-form samples of carlrar generate, --samples) on the --limit/--seed subset")
     p.add_argument("--query-budget", type=number(whole=True, low=1), help="--recipe: at most this many model "
                    "queries per example (default: no limit)")
     p.add_argument("--samples", type=path("file"), help="--recipe rar-samples: the JSONL of carlrar generate (RAR's "
@@ -121,7 +122,8 @@ def cmd_attack(argv: list[str]):
 
 def _text_attack(args):
     """carlrar attack --recipe: each recipe on the (seeded subset of the) split; examples as JSONL, summaries beside."""
-    from carlrar.textattack_recipes import parse_recipes, require_textattack, run_identity, run_recipes
+    from carlrar.textattack_recipes import (parse_recipes, print_summary, require_textattack, run_identity,
+                                            run_recipes)
 
     from carlrar.generate import read_samples
 
@@ -134,11 +136,7 @@ def _text_attack(args):
              "samples": args.samples}
     summary = run_recipes(model, tokenizer, data, names, recipes, out, args.query_budget, args.seed,
                           args.max_length, about, samples=samples)
-    for recipe, s in summary["recipes"].items():
-        print(f"{recipe}: clean {100 * s['clean_accuracy']:.1f} % → under attack "
-              f"{100 * s['accuracy_under_attack']:.1f} % (success rate {100 * s['attack_success_rate']:.1f} %, "
-              f"{s['words_perturbed_pct']:.1f} % words perturbed, {s['mean_queries']:.0f} queries, "
-              f"{s['seconds']:.0f} s)")
+    print_summary(summary)
     print(f"examples written to {out}, summary to {summary['summary_file']}", file=sys.stderr)
 
 

@@ -303,6 +303,14 @@ def run_recipes(model, tokenizer, data, names: list[str], recipes: list[str], ou
     return {**summary, "summary_file": str(summary_file)}
 
 
+def print_summary(summary: dict):
+    for recipe, s in summary["recipes"].items():
+        print(f"{recipe}: clean {100 * s['clean_accuracy']:.1f} % → under attack "
+              f"{100 * s['accuracy_under_attack']:.1f} % (success rate {100 * s['attack_success_rate']:.1f} %, "
+              f"{s['words_perturbed_pct']:.1f} % words perturbed, {s['mean_queries']:.0f} queries, "
+              f"{s['wall_seconds']:.0f} s)")
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
