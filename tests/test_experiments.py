@@ -28,13 +28,13 @@ def test_reproduce_resumes_skips_done_runs_and_reports_failures(tiny_model_dir, 
     real = carlrar.reproduce.execute_run
     calls = []
 
-    def flaky(configs, attack, *rest):  # run 2 fails, run 3 is interrupted (Ctrl-C)
+    def flaky(configs, attack):  # run 2 fails, run 3 is interrupted (Ctrl-C)
         calls.append(configs[0].resolved_output_dir().name)
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(configs, attack, *rest)
+        return real(configs, attack)
 
     monkeypatch.setattr(carlrar.reproduce, "execute_run", flaky)
     with pytest.raises(SystemExit) as e:
@@ -48,7 +48,7 @@ def test_reproduce_resumes_skips_done_runs_and_reports_failures(tiny_model_dir, 
 
     monkeypatch.setattr(carlrar.reproduce, "execute_run", real)
     calls.clear()
-    monkeypatch.setattr(carlrar.reproduce, "execute_run", lambda c, a, *r: calls.append(c[0].seed) or real(c, a, *r))
+    monkeypatch.setattr(carlrar.reproduce, "execute_run", lambda c, a: calls.append(c[0].seed) or real(c, a))
     main(["reproduce", "--protocol", str(protocol), "--results", str(results)])  # the done run is skipped
     assert calls == [0, 1, 1]
     index = json.loads((results / "index.json").read_text())

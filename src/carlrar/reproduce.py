@@ -151,10 +151,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def execute_run(configs, attack: AttackConfig | None, text_attack: TextAttackConfig | None = None,
-                text_dir: Path | None = None, about: dict | None = None) -> dict:
-    """Train (resuming if interrupted), then attack the best-dev model on the dev set (a trunk: no attack); with
-    ``text_attack``, the TextAttack recipes too (examples to TEXT_DIR/<run>.jsonl)."""
+def execute_run(configs, attack: AttackConfig | None) -> dict:
+    """Train (resuming if interrupted), then attack the best-dev model on the dev set (a trunk: no attack)."""
     from transformers import AutoTokenizer
 
     from carlrar.attack import run_attack
@@ -182,17 +180,7 @@ def execute_run(configs, attack: AttackConfig | None, text_attack: TextAttackCon
     result = run_attack(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id, attack,
                         cfg.eval_batch_size, seed=cfg.seed, per_example=True)
     per_example = result.pop("per_example")
-    record = {**record, "attack": result, "per_example": per_example}
-    if text_attack and text_attack.recipes:
-        from carlrar.data import subset
-        from carlrar.textattack_recipes import run_recipes
-
-        data = EncodedSplit(subset(dev, text_attack.examples, text_attack.seed), tokenizer, cfg.max_length)
-        summary = run_recipes(model, tokenizer, data, label_names(model), text_attack.recipes,
-                              text_dir / f"{out.name}.jsonl", text_attack.query_budget, text_attack.seed,
-                              cfg.max_length, {"model": str(out), **(about or {})})
-        record["text_attack"] = summary["recipes"]
-    return record
+    return {**record, "attack": result, "per_example": per_example}
 
 
 def format_seconds(s: float) -> str:
@@ -257,9 +245,7 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         entry = index["runs"][name]
         started = time.time()
         try:
-            record = execute_run(configs[name], None if g[1] == "trunk" else protocol.attack, protocol.text_attack,
-                                 results / "text_attacks", {"run": name, "method": g[1], "train_seed": g[2],
-                                                            "data": f"{g[0]}_dev"})
+            record = execute_run(configs[name], None if g[1] == "trunk" else protocol.attack)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (recorded and reported; the grid goes on)
@@ -280,53 +266,13 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
         write_json(index_file, index)
         say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f}" + (" · under attack " + " / ".join(
             f"{v:.4f}" for v in entry["attack"].values()) if entry["attack"] else ""))
-    if protocol.text_attack and protocol.text_attack.rar_samples:
-        replay_rar_samples(protocol, results, index, configs)
+    if protocol.text_attack:  # after the grid: it attacks every done run that has not been (also earlier ones)
+        from carlrar.reproduce_text import text_attack_pass
+
+        text_attack_pass(protocol, results, index, configs, say)
     release_lock(results)
     failed = [n for n, r in index["runs"].items() if r["status"] == "failed"]
     if failed:
         say(f"{len(failed)} run(s) failed: " + "; ".join(f"{n}: {index['runs'][n]['error']}" for n in failed))
     return index
 
-
-def replay_rar_samples(protocol: Protocol, results: Path, index: dict, configs: dict):
-    """Per dataset and seed whose ``rar_samples`` run is done: its text-form samples of the text-attack subset
-    (``carlrar generate`` at the protocol's largest ε; written once), replayed against every done run of that
-    dataset and seed (``TEXT_DIR/<run>-rar-samples.jsonl``), as the report's "RAR samples" column."""
-    from transformers import AutoTokenizer
-
-    from carlrar.data import EncodedSplit, load_dataset, subset
-    from carlrar.generate import generate_split, write_samples
-    from carlrar.models import label_names, load_trained
-    from carlrar.textattack_recipes import RAR_SAMPLES, run_recipes
-
-    ta, text_dir = protocol.text_attack, results / "text_attacks"
-    for (d, m, seed) in {(d, m, s) for d, m, s in protocol.grid() if m == ta.rar_samples}:
-        source = run_name(d, m, seed)
-        if index["runs"].get(source, {}).get("status") != "done":
-            continue
-        cfg = configs[source][0]
-        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
-                          cfg.label_column)
-        samples_file = text_dir / f"{source}-samples.jsonl"
-        if not samples_file.is_file():
-            rar, tokenizer = load_trained(cfg.output_dir), AutoTokenizer.from_pretrained(cfg.output_dir)
-            dev = subset(ds.split_for_model("dev", label_names(rar)), ta.examples, ta.seed)
-            records = generate_split(rar, tokenizer, EncodedSplit(dev, tokenizer, cfg.max_length), dev.texts,
-                                     label_names(rar), max(protocol.attack.eps), protocol.attack.steps,
-                                     protocol.attack.step_size, protocol.attack.norm, max_length=cfg.max_length)
-            write_samples(records, samples_file, {"model": source, "examples": ta.examples, "seed": ta.seed})
-        samples = read_jsonl(samples_file)
-        for name, entry in index["runs"].items():
-            out = text_dir / f"{name}-{RAR_SAMPLES}.jsonl"
-            if entry.get("status") != "done" or entry["method"] == "trunk" or out.is_file() \
-                    or (entry["dataset"], entry["seed"]) != (d, seed):
-                continue
-            target_cfg = configs[name][0]
-            model, tokenizer = load_trained(target_cfg.output_dir), AutoTokenizer.from_pretrained(target_cfg.output_dir)
-            dev = subset(ds.split_for_model("dev", label_names(model)), ta.examples, ta.seed)
-            run_recipes(model, tokenizer, EncodedSplit(dev, tokenizer, target_cfg.max_length), label_names(model),
-                        [RAR_SAMPLES], out, seed=ta.seed, max_length=target_cfg.max_length,
-                        about={"model": str(target_cfg.output_dir), "run": name, "method": entry["method"],
-                               "train_seed": seed, "data": f"{d}_dev", "samples": str(samples_file)},
-                        samples=samples)
