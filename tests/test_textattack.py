@@ -176,3 +176,14 @@ def test_reproduce_attacks_every_run_and_the_report_compares_with_freelb(tiny_mo
     section = report.split("## Accuracy under text attacks")[1]
     row = next(line for line in section.splitlines() if line.startswith("| RAR | 1 |"))
     assert f"| {100 * rar['accuracy_under_attack']:.2f} |" in row
+
+
+@needs_textattack
+def test_pwws_without_wordnet_is_a_one_line_error(monkeypatch, tmp_path):
+    import nltk
+
+    monkeypatch.setattr(ta, "NLTK_DATA", tmp_path)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    ta.require_textattack(["deepwordbug"])  # needs no WordNet
+    with pytest.raises(UserError, match="recipe pwws needs WordNet .*scripts/nltk-data.sh"):
+        ta.require_textattack(["deepwordbug", "pwws"])

@@ -110,8 +110,16 @@ def require_textattack(recipes: list[str], samples: str | None = None):
         raise UserError(f"--samples (a JSONL of carlrar generate) goes with --recipe {RAR_SAMPLES}, and it needs one")
     if set(recipes) - {RAR_SAMPLES} and importlib.util.find_spec("textattack") is None:
         raise UserError(f"carlrar attack --recipe needs TextAttack, an optional install: {INSTALL}")
-    if "pwws" in recipes and not (NLTK_DATA / "corpora" / "wordnet" / "lexnames").is_file():
+    if "pwws" in recipes and not _have_wordnet():
         raise UserError(f"recipe pwws needs WordNet in {NLTK_DATA}: scripts/nltk-data.sh (or make textattack)")
+
+
+def _have_wordnet() -> bool:
+    """WordNet in our NLTK data folder or any of NLTK's own (unpacked, or the zip nltk.download leaves)."""
+    import nltk
+
+    return any((Path(p) / "corpora" / "wordnet" / "lexnames").is_file() or (Path(p) / "corpora" / "wordnet.zip").is_file()
+               for p in [NLTK_DATA, *nltk.data.path])
 
 
 def import_textattack():
