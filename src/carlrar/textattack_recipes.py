@@ -118,8 +118,8 @@ def _have_wordnet() -> bool:
     """WordNet in our NLTK data folder or any of NLTK's own (unpacked, or the zip nltk.download leaves)."""
     import nltk
 
-    return any((Path(p) / "corpora" / "wordnet" / "lexnames").is_file() or (Path(p) / "corpora" / "wordnet.zip").is_file()
-               for p in [NLTK_DATA, *nltk.data.path])
+    corpora = [Path(p) / "corpora" for p in [NLTK_DATA, *nltk.data.path]]
+    return any((c / "wordnet" / "lexnames").is_file() or (c / "wordnet.zip").is_file() for c in corpora)
 
 
 def import_textattack():
@@ -297,8 +297,11 @@ def run_recipes(model, tokenizer, data, names: list[str], recipes: list[str], ou
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     for recipe in recipes:
         started = time.time()
-        tick = lambda r: r["index"] % 50 == 49 and log(f"{recipe}: {r['index'] + 1}/{len(data)} examples, "  # noqa: E731
-                                                       f"{time.time() - started:.0f} s")
+
+        def tick(r, recipe=recipe, started=started):  # a line every 50 examples: PWWS takes minutes per 50
+            if r["index"] % 50 == 49:
+                log(f"{recipe}: {r['index'] + 1}/{len(data)} examples, {time.time() - started:.0f} s")
+
         if recipe == RAR_SAMPLES:
             new = replay_samples(model, tokenizer, list(data.texts), list(data.labels), names, samples, max_length)
         else:
