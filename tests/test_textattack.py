@@ -187,3 +187,26 @@ def test_pwws_without_wordnet_is_a_one_line_error(monkeypatch, tmp_path):
     ta.require_textattack(["deepwordbug"])  # needs no WordNet
     with pytest.raises(UserError, match="recipe pwws needs WordNet .*scripts/nltk-data.sh"):
         ta.require_textattack(["deepwordbug", "pwws"])
+
+
+def test_report_of_a_folder_of_attack_outputs_by_hand(tmp_path, capsys):
+    """carlrar report on carlrar attack --recipe outputs alone: mean ± std over seeds of accuracy under attack, and
+    the paired bootstrap vs FreeLB over the same examples."""
+    from carlrar.ownership import json_text
+
+    outcomes = {("freelb", 0): "FFSK", ("freelb", 1): "FSSK", ("carl", 0): "FFFK", ("carl", 1): "FFSS"}
+    for (method, seed), codes in outcomes.items():
+        run = f"sst2-{method}-s{seed}"
+        names = {"F": "failed", "S": "successful", "K": "skipped"}
+        records = [{"index": i, "recipe": "deepwordbug", **record(names[c], 10)} for i, c in enumerate(codes)]
+        (tmp_path / f"{run}.jsonl").write_text("".join(json_text(r) + "\n" for r in records))
+        summary = {"run": run, "method": method, "train_seed": seed, "data": "sst2_dev", "seed": 0,
+                   "recipes": {"deepwordbug": {**ta.summarize(records), "wall_seconds": 60.0}}}
+        (tmp_path / f"{run}_summary.json").write_text(json_text(summary))
+    main(["report", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    # under attack: FreeLB 2/4 and 1/4 → 37.50 ± 17.68; CARL 3/4 and 2/4 → 62.50 ± 17.68; clean 75 and 75 / 75 and 100
+    assert "| FreeLB | 2 | 75.00 ± 0.00 | 37.50 ± 17.68 |" in report
+    assert "| CARL | 2 | 87.50 ± 17.68 | 62.50 ± 17.68 |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| CARL − FreeLB |"))
+    assert row.split("|")[3].strip().startswith("+25.0 [")  # the difference of the means, 62.5 − 37.5
