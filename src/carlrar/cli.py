@@ -272,7 +272,7 @@ def cmd_report(argv: list[str]):
     need("matplotlib", "plots", "carlrar report")
     out, pngs = write_report(Path(args.results))
     print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
-    print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
+    print(f"report written to {out}" + (f"; plots: {', '.join(p.name for p in pngs)}" if pngs else ""), file=sys.stderr)
 
 
 def cmd_search(argv: list[str]):
