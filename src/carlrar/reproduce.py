@@ -26,6 +26,7 @@ from carlrar.attack import AttackConfig
 from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
 from carlrar.errors import UserError
 from carlrar.ownership import json_text, locked, write_whole
+from carlrar.textattack_recipes import TextAttackConfig
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 # relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
@@ -53,6 +54,7 @@ class Protocol:
     trunk: dict = dataclasses.field(default_factory=dict)
     branches: list = dataclasses.field(default_factory=list)
     branch_steps: int = 0
+    text_attack: TextAttackConfig | None = None  # TextAttack recipes (and RAR's samples) on a subset of dev
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
@@ -72,7 +74,12 @@ class Protocol:
                        train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
                        attack=attack, source=str(path), variants=data.get("variants") or {},
                        trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
-                       branch_steps=int(data.get("branch_steps") or 0))
+                       branch_steps=int(data.get("branch_steps") or 0),
+                       text_attack=TextAttackConfig.from_dict(data["text_attack"], f"{path}: text_attack")
+                       if data.get("text_attack") else None)
+        if protocol.text_attack and protocol.text_attack.rar_samples not in (None, *protocol.methods):
+            raise UserError(f"{path}: text_attack: rar_samples {protocol.text_attack.rar_samples!r} is not one of "
+                            "the methods")
         if protocol.trunk and not (protocol.trunk.get("max_steps") and protocol.branch_steps > 0):
             raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
         return protocol
@@ -202,6 +209,10 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
               command: str = "") -> dict:
     """Run (or resume) the grid; return the index. Seeds outermost, so a partial grid compares every method."""
     extra = extra or {}
+    if protocol.text_attack and protocol.text_attack.recipes:  # TextAttack missing: one line, before any run
+        from carlrar.textattack_recipes import require_textattack
+
+        require_textattack(protocol.text_attack.recipes)
     grid = protocol.grid()
     models_dir = results / "models"
     configs = {run_name(*g): run_configs(protocol, *g, models_dir, extra) for g in grid}  # bad options fail here
@@ -268,4 +279,9 @@ def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra
         write_json(index_file, index)
         say(f"   done in {format_seconds(seconds)}: dev {entry['dev_accuracy']:.4f}" + (" · under attack " + " / ".join(
             f"{v:.4f}" for v in entry["attack"].values()) if entry["attack"] else ""))
+    if protocol.text_attack:  # after the grid: it attacks every done run that has not been (also earlier ones)
+        from carlrar.reproduce_text import text_attack_pass
+
+        text_attack_pass(protocol, results, index, configs, say)
     return index
+
