@@ -316,3 +316,19 @@ def test_output_never_overwrites_the_commands_input(capsys, tiny_model_dir, tmp_
     line = one_error(*run_cli(capsys, [command, *model, flag, str(source), "--output", output]))
     assert flag in line and "--output" in line, line
     assert snapshot(tmp_path) == before
+
+
+def test_safetensors_leftovers_of_a_killed_save_count_as_carlrars(tiny_model_dir, toy_files, tmp_path):
+    """A kill -9 while safetensors writes leaves its temporary file ('.tmp' + 6 characters) in the run folder or in
+    checkpoint.tmp/: carlrar wrote it, so a marked run folder holding one is still carlrar's to resume or replace."""
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train_file", str(toy_files["train"]), "--dev_file",
+            str(toy_files["dev"]), "--text_column", "sentence", "--output_dir", str(out), "--max_steps", "2",
+            "--batch_size", "8", "--eval_steps", "1"]
+    main(args)
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / ".tmpyMcMtW").write_bytes(b"half a tensor")
+    (out / ".tmpAb12Cd").write_bytes(b"half a tensor")
+    main(args + ["--overwrite"])
+    assert not (out / ".tmpAb12Cd").exists() and not (out / "checkpoint.tmp").exists()
+    assert (out / "final_metrics.json").is_file()

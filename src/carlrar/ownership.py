@@ -39,14 +39,18 @@ RUN_FILES = {"carlrar_config.yaml", "metrics.jsonl", "diagnostics.jsonl", "final
 MODEL_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
                "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja"}
+# safetensors (Rust's tempfile crate) writes a file as ".tmp" + 6 characters, then renames it: a kill -9 mid-save
+# leaves one behind, in the run folder or in one of its checkpoint folders
+SAFETENSORS_TMP = ".tmp??????"
 # what evaluate / attack / generate write beside a model by default
-RESULT_PATTERNS = ("eval_*.json", "attack_*.json", "generated_*.jsonl", "generated_*_summary.json", ".*" + TMP)
+RESULT_PATTERNS = ("eval_*.json", "attack_*.json", "generated_*.jsonl", "generated_*_summary.json", ".*" + TMP,
+                   SAFETENSORS_TMP)
 # what carlrar's folders hold: accelerate's save_state and checkpoint.py's files; the model files of ``save_best``
 CHECKPOINT_PATTERNS = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "dl_state_dict*.bin", "random_states_*.pkl",
                        "scaler*.pt", "custom_checkpoint_*.pkl", "model*.safetensors", "pytorch_model*.bin",
-                       "method_state.safetensors", "trainer_state.json", "trainer_state.json.part")
+                       "method_state.safetensors", "trainer_state.json", "trainer_state.json.part", SAFETENSORS_TMP)
 FOLDERS = {"checkpoint": CHECKPOINT_PATTERNS, "checkpoint.tmp": CHECKPOINT_PATTERNS,
-           "checkpoint.old": CHECKPOINT_PATTERNS, "best.tmp": (*MODEL_FILES, "carlrar_heads.*")}
+           "checkpoint.old": CHECKPOINT_PATTERNS, "best.tmp": (*MODEL_FILES, "carlrar_heads.*", SAFETENSORS_TMP)}
 
 _held: dict[str, object] = {}  # resolved folder → the open lock file of this process
 
