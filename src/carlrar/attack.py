@@ -9,7 +9,6 @@ knobs: the flags of ``carlrar attack`` / ``carlrar generate`` and the ``attack:`
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from carlrar.config import Limits, check, config_field
+from carlrar.config import Limits, check, config_field, from_mapping
 from carlrar.data import Collator, EncodedSplit, eval_batches
 from carlrar.errors import UserError
 from carlrar.perturb import ascent_step, init_delta, project
@@ -47,14 +46,7 @@ class AttackConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str) -> AttackConfig:
         """From a protocol's ``attack:`` mapping (keys as the fields, ``-`` or ``_``); missing keys keep defaults."""
-        options = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        try:
-            return cls(**options)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
+        return from_mapping(cls, data, where)
 
 
 def _as_list(values) -> list:

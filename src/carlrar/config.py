@@ -141,6 +141,19 @@ def _coerce(value, tp, where: str):
         raise UserError(f"{where}: cannot read {value!r} as {kind}") from None
 
 
+def from_mapping(cls, data: dict, where: str):
+    """A config dataclass from a protocol's mapping (keys as the fields, ``-`` or ``_``); missing keys keep their
+    defaults; an unknown key or a bad value is one line naming ``where``."""
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    try:
+        return cls(**options)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
 def check(config):
     """A config's ``choices`` (field metadata), numbers (finite and within its class's ``LIMITS``; every element of
     a list) and paths (of their kind), as one-line user errors. Called from each config's ``__post_init__``, so

@@ -14,7 +14,6 @@ it does that TextAttack's own ``Attacker`` would not:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import random
@@ -29,7 +28,7 @@ import torch
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from carlrar.config import Limits, check, config_field
+from carlrar.config import Limits, check, config_field, from_mapping
 from carlrar.errors import UserError
 from carlrar.validation import SEED_MAX
 
@@ -79,14 +78,7 @@ class TextAttackConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> TextAttackConfig:
-        options = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        try:
-            return cls(**options)
-        except (UserError, TypeError) as e:
-            raise UserError(f"{where}: {e}") from None
+        return from_mapping(cls, data, where)
 
 
 def parse_recipes(names: str) -> list[str]:
