@@ -139,9 +139,12 @@ class ReconstructionConfig:
     rar_warmup_steps: int = _f(0, "before RAR's first step, fit the reconstructor alone on clean token states for "
                                   "this many batches, encoder frozen (stands in for a pretrained MLM head)")
     rar_warmup_lr: float = _f(1e-3, "learning rate of the reconstructor warm-up (AdamW)")
+    rar_warmup_batch_size: int = _f(32, "rows per warm-up batch (a training batch: each costs a vocabulary-wide "
+                                        "backward, so not the evaluation batch)")
 
     LIMITS: ClassVar[Limits] = Limits(minimum={"rar_weight": 0, "rar_weight_ratio": 0, "rar_balance_steps": 1,
-                                               "rar_warmup_steps": 0}, above={"rar_warmup_lr": 0})
+                                               "rar_warmup_steps": 0, "rar_warmup_batch_size": 1},
+                                      above={"rar_warmup_lr": 0})
 
     def __post_init__(self):
         check(self)
@@ -199,7 +202,7 @@ class ReconstructionTerm(ObjectiveTerm):
         """The reconstructor warm-up, once, before RAR's first step. True when it ran (the loop checkpoints)."""
         if self.warmed:
             return False
-        warm_up_reconstructor(self.head, model, data, collate, batch_size, self.config, self.seed)
+        warm_up_reconstructor(self.head, model, data, collate, self.config, self.seed)
         self.warmed = True
         return True
 
@@ -214,7 +217,7 @@ class ReconstructionTerm(ObjectiveTerm):
         self.weight = float(state["rar_weight"]) if "rar_weight" in state else self.weight
 
 
-def warm_up_reconstructor(head: Reconstructor, model, data, collate, batch_size: int, config, seed: int):
+def warm_up_reconstructor(head: Reconstructor, model, data, collate, config, seed: int):
     """Fit the head alone (dense, LayerNorm, vocab bias; not the tied embeddings) on clean token states, encoder
     frozen and in eval mode, for ``rar_warmup_steps`` seeded batches: what a pretrained MLM head gives ALBERT in the
     paper and MiniLM lacks. Its own generator: the training RNG does not move (exact resume)."""
@@ -225,7 +228,7 @@ def warm_up_reconstructor(head: Reconstructor, model, data, collate, batch_size:
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
     was_training = model.training
     model.eval()
-    steps = config.rar_warmup_steps
+    steps, batch_size = config.rar_warmup_steps, config.rar_warmup_batch_size
     for k in tqdm(range(steps), desc="reconstructor warm-up", disable=not sys.stderr.isatty(), leave=False):
         idx = order[(torch.arange(batch_size) + k * batch_size) % len(data)].tolist()
         b = {key: v.to(model.device) for key, v in collate([data[i] for i in idx]).items()}
