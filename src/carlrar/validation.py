@@ -3,14 +3,17 @@
 ``carlrar.config.check`` applies these rules to the config dataclasses from the bounds each declares (a numeric
 field without a bound is a programming error, raised on first use), so training, search and attack options, their
 YAML keys and the Python API are checked before anything runs. ``number``, ``path`` and ``text`` make argparse types
-of the same rules for the commands' own flags, and ``carlrar.cli.ArgumentParser`` refuses an option declared without
+of the same rules for the commands' own flags, and ``ArgumentParser`` (every command's parser, below) refuses an option declared without
 such a type: a new flag cannot skip the checks.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import os
+import sys
 from pathlib import Path
 
 from carlrar.errors import UserError
@@ -132,3 +135,33 @@ def text(value: str, name: str) -> str:
     if not value.strip() or "\0" in value:
         raise UserError(f"{name} = {value!r}: must be a non-empty text")
     return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as a one-line user error instead of a usage block, and that takes every
+    ``--a-b`` option as ``--a_b`` too: ``carlrar train`` (HfArgumentParser) takes both, so one spelling works in
+    every command. --help shows the dashed spelling."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+    def add_argument(self, *names, **kwargs):
+        """A checking type of ``carlrar.validation`` learns the option's name, for its one-line error. Every option
+        of every command has one (or ``choices``, or is a switch): tests/test_fuzz_flags.py holds them to it."""
+        rule = kwargs.get("type")
+        if getattr(rule, "checks_value", False):
+            kwargs["type"] = functools.partial(rule, name=names[0].lstrip("-").replace("-", "_"))
+        return super().add_argument(*names, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)  # after "--" everything is a positional value
+        return super().parse_known_args([*map(self._dashed, args[:end]), *args[end:]], namespace)
+
+    def _dashed(self, arg: str) -> str:
+        """``--a_b`` (or ``--a_b=V``) → ``--a-b`` when that is an option here; anything else is left as it is."""
+        flag, eq, value = arg.partition("=")
+        dashed = "--" + flag[2:].replace("_", "-")
+        if flag.startswith("--") and dashed != flag and dashed in self._option_string_actions:
+            return dashed + eq + value
+        return arg
