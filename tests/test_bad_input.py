@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from carlrar.cli import main
-from carlrar.data import load_files
 
 from conftest import NEGATIVE, POSITIVE, write_tsv
 
@@ -63,103 +62,6 @@ def user_error(capsys, argv: list[str]) -> str:
     return lines[0][len("error: "):]
 
 
-# 1 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("split", ["train", "dev"])
-def test_missing_file(capsys, tiny_model_dir, files, out, tmp_path, split):
-    files[split] = tmp_path / f"no_such_{split}.tsv"
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
-                                        "--dev_file", files["dev"]))
-    assert msg == f"{files[split]}: file not found"
-    assert not out.exists()
-
-
-# 2 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content", [b"", b"  \n\t\n \r\n  "], ids=["zero-bytes", "whitespace-only"])
-@pytest.mark.parametrize("split", ["train", "dev"])
-def test_empty_file(capsys, tiny_model_dir, files, out, split, content):
-    files[split].write_bytes(content)
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
-                                        "--dev_file", files["dev"]))
-    assert msg == f"{files[split]}: file is empty"
-    assert not out.exists()
-
-
-# 3 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, missing", [((), "text"),
-                                            (("--text_column", "sentence", "--label_column", "polarity"), "polarity")])
-def test_missing_column(capsys, tiny_model_dir, tmp_path, out, flags, missing):
-    train = write_tsv(tmp_path / "sst.tsv", TRAIN_ROWS, header=("sentence", "label"))
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train, *flags))
-    assert msg.startswith(f"{train}: ")
-    assert f"no column {missing!r}" in msg
-    assert "(columns: sentence, label)" in msg
-    assert not out.exists()
-
-
-# 4 ---------------------------------------------------------------------------------------------------------------
-def test_rows_with_empty_text_are_dropped_with_a_warning(capsys, tmp_path):
-    train = tmp_path / "train.tsv"
-    rows = [f"{t}\t{y}" for t, y in TRAIN_ROWS]
-    rows.insert(1, "\t1")  # line 3 (after the header)
-    rows.insert(4, "   \t0")  # line 6
-    rows.append(" \t1")  # line 20 (header + 16 rows + 2 inserted + this)
-    train.write_text("text\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    ds = load_files(train, text_column="text", label_column="label")
-    err = capsys.readouterr().err
-    warnings = [line for line in err.splitlines() if line.strip()]
-    assert len(warnings) == 1, err
-    assert warnings[0].startswith(f"warning: {train}: dropped 3 row(s) with empty text")
-    assert "(line 3, 6, 20)" in warnings[0]
-    assert len(ds.splits["train"]) + len(ds.splits["dev"]) == len(TRAIN_ROWS)
-    assert all(t.strip() for s in ds.splits.values() for t in s.texts)
-
-
-# 5 ---------------------------------------------------------------------------------------------------------------
-def test_unknown_label_in_dev_file(capsys, tiny_model_dir, files, out):
-    write_tsv(files["dev"], DEV_ROWS + [("a film", "neutral")], ("text", "label"))
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
-                                        "--dev_file", files["dev"]))
-    assert msg.startswith(f"{files['dev']}: unknown label(s) 'neutral'")
-    assert "known: '0', '1'" in msg
-    assert not out.exists()
-
-
-def test_unknown_label_in_named_dataset_dev(capsys, tiny_model_dir, data_dir, out):
-    dev = write_tsv(data_dir / "sst2_glue" / "dev.tsv", DEV_ROWS + [("a film", 2)])
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--dataset", "sst2", "--data_dir", data_dir))
-    assert msg.startswith(f"{dev}: unknown label(s) '2'")
-    assert not out.exists()
-
-
-# 6 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "with-bom"])
-def test_non_utf8_bytes(capsys, tiny_model_dir, files, out, bom):
-    # the bad byte starts line 3, right after a newline: an off-by-BOM offset would blame line 2
-    files["train"].write_bytes(bom + b"text\tlabel\na wonderful film\t1\n\xffawful\t0\n")
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"],
-                                        "--dev_file", files["dev"]))
-    assert msg.startswith(f"{files['train']}:3: not valid UTF-8 (byte 0xff")
-    assert not out.exists()
-
-
-# 7 ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("source", ["files", "dataset"])
-def test_only_one_class_in_train(capsys, tiny_model_dir, tmp_path, data_dir, out, source):
-    positives = [(t, 1) for t in POSITIVE]
-    if source == "files":
-        train = write_tsv(tmp_path / "pos.tsv", positives, ("text", "label"))
-        dev = write_tsv(tmp_path / "pos_dev.tsv", positives[:3], ("text", "label"))
-        argv = train_argv(tiny_model_dir, out, "--train_file", train, "--dev_file", dev)
-        name = "'1'"
-    else:
-        train = write_tsv(data_dir / "sst2_glue" / "train.tsv", positives)
-        argv = train_argv(tiny_model_dir, out, "--dataset", "sst2", "--data_dir", data_dir)
-        name = "'positive'"
-    msg = user_error(capsys, argv)
-    assert msg.startswith(f"{train}: only one class ({name}) in train")
-    assert not out.exists()
-
-
 # 8 ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("yaml_text, expected", [
     ("lr: abc\n", "{cfg}: lr: cannot read 'abc' as float"),
@@ -172,6 +74,8 @@ def test_only_one_class_in_train(capsys, tiny_model_dir, tmp_path, data_dir, out
     ("batch_size: {a: 1}\n", "{cfg}: batch_size: cannot read {{'a': 1}} as int"),
 ], ids=["unparseable-value", "unknown-key", "invalid-yaml", "not-a-mapping", "bool-as-number", "list-as-path",
         "number-as-path", "mapping-as-number"])
+
+
 def test_bad_config_file(capsys, tiny_model_dir, files, out, tmp_path, yaml_text, expected):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml_text, encoding="utf-8")
@@ -184,6 +88,8 @@ def test_bad_config_file(capsys, tiny_model_dir, files, out, tmp_path, yaml_text
     (("--lr", "abc"), "argument --lr: invalid float value: 'abc'"),
     (("--learning_rate", "1e-5"), "unrecognized arguments: --learning_rate 1e-5"),
 ], ids=["unparseable-value", "unknown-flag"])
+
+
 def test_bad_command_line_option(capsys, tiny_model_dir, files, out, flags, expected):
     msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], *flags))
     assert msg.startswith(expected), msg
@@ -237,16 +143,6 @@ def test_named_dataset_offline_without_local_copy(capsys, monkeypatch, tiny_mode
     assert not out.exists()
 
 
-# 13 --------------------------------------------------------------------------------------------------------------
-def test_invalid_jsonl_line(capsys, tiny_model_dir, tmp_path, out):
-    train = tmp_path / "train.jsonl"
-    train.write_text('{"text": "a wonderful film", "label": "pos"}\n\n{"text": "awful", "label": "neg"}\n'
-                     '{"text": "i hated it", "label": neg}\n', encoding="utf-8")
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
-    assert msg.startswith(f"{train}:4: invalid JSON")  # line numbers count the blank line too
-    assert not out.exists()
-
-
 # 14 --------------------------------------------------------------------------------------------------------------
 def test_predict_missing_model_directory(capsys, tmp_path):
     texts = tmp_path / "texts.txt"
@@ -265,6 +161,8 @@ def test_predict_missing_model_directory(capsys, tmp_path):
     (("--steps", "-1"), "steps = -1: must be a whole number ≥ 0"),
     (("--distance_alphas", "inf"), "distance_alphas = inf: must be a finite number ≥ 0"),
 ], ids=["nan-eps", "negative-eps", "zero-step-size", "negative-steps", "infinite-alpha"])
+
+
 def test_bad_attack_knobs(capsys, tiny_model_dir, files, flags, expected):
     before = sorted(p.name for p in tiny_model_dir.iterdir())
     msg = user_error(capsys, ["attack", "--model", str(tiny_model_dir), "--file", str(files["dev"]), *flags])
@@ -289,6 +187,8 @@ def test_bad_attack_section_of_a_protocol(capsys, tmp_path):
     ("text\tlabel\nawful\t0\n", "{path}: not a JSONL file written by carlrar generate"),
     ('{"text": "awful", "label": "0"}\n', "{path}: no samples with 'generated' and 'label' fields"),
 ], ids=["missing", "not-jsonl", "not-samples"])
+
+
 def test_augment_bad_samples(capsys, tmp_path, content, expected):
     path = tmp_path / "samples.jsonl"
     if content is not None:
@@ -311,6 +211,8 @@ def test_augment_bad_samples(capsys, tmp_path, content, expected):
      "[0, 65536]"),
 ], ids=["nan-lr", "inf-epochs", "negative-seed", "negative-subset", "nan-warmup", "negative-adv-lr", "huge-threads",
         "huge-proj-dim"])
+
+
 def test_out_of_range_training_options(capsys, tiny_model_dir, files, out, flags, expected):
     msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", files["train"], *flags))
     assert msg == expected
@@ -336,6 +238,8 @@ def test_max_length_beyond_the_models_positions(capsys, tiny_model_dir, files, o
     ("attack", ("--eps", "nan"), "eps = nan: must be a finite number ≥ 0"),
     ("predict", ("--max-length", "0"), "max_length = 0: must be a whole number ≥ 2"),
 ], ids=["zero-batch", "negative-limit", "nan-eps", "zero-max-length"])
+
+
 def test_bad_numbers_fail_before_the_model_loads(capsys, monkeypatch, tmp_path, files, command, flags, expected):
     monkeypatch.setattr("carlrar.models.load_trained", lambda *a: pytest.fail("the model was loaded"))
     model = tmp_path / "model"
@@ -351,6 +255,8 @@ def test_bad_numbers_fail_before_the_model_loads(capsys, monkeypatch, tmp_path, 
     ("train", ("--output_dir",), "file", "{p}: is a file, expected a directory"),
     ("compare", (), "file", "{p}: is a file, expected a directory"),
 ], ids=["evaluate-output-dir", "augment-samples-dir", "train-config-dir", "train-output-dir-file", "compare-file"])
+
+
 def test_a_path_of_the_wrong_kind(capsys, tiny_model_dir, files, tmp_path, command, flags, make, expected):
     p = tmp_path / "thing"
     p.mkdir() if make == "dir" else p.write_text("x")
@@ -365,25 +271,6 @@ def test_output_in_a_missing_folder_is_made(tmp_path):
     samples.write_text('{"text": "a", "generated": "b", "label": "1", "edit_rate": 0.5, "changed": true}\n')
     main(["augment", "--samples", str(samples), "--output", str(tmp_path / "new" / "deeper" / "aug.tsv")])
     assert (tmp_path / "new" / "deeper" / "aug.tsv").read_text() == "text\tlabel\nb\t1\n"
-
-
-# 18 (issue 15) ---------------------------------------------------------------------------------------------------
-def test_nul_byte_and_duplicate_columns(capsys, tiny_model_dir, tmp_path, out):
-    train = tmp_path / "train.tsv"
-    train.write_bytes(b"text\tlabel\na wonderful film\t1\nawf\x00ul\t0\n")
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
-    assert msg.startswith(f"{train}:3: NUL byte at column 4")
-    train.write_text("text\tlabel\ttext\na\t1\tb\n")
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
-    assert msg == f"{train}:1: column 'text' appears twice (columns 1 and 3)"
-    assert not out.exists()
-
-
-def test_jsonl_row_without_the_label_names_the_key(capsys, tiny_model_dir, tmp_path, out):
-    train = tmp_path / "train.jsonl"
-    train.write_text('{"text": "good", "label": "1"}\n{"text": "bad", "label": "0"}\n{"text": "meh"}\n')
-    msg = user_error(capsys, train_argv(tiny_model_dir, out, "--train_file", train))
-    assert msg == f"{train}:3: no key 'label' (keys: text)"
 
 
 def test_a_model_without_a_trained_head_is_named(capsys, tiny_model_dir, files, tmp_path):
