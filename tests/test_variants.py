@@ -111,6 +111,7 @@ def test_reconstructor_warm_up_fits_the_head_only_and_keeps_the_rng(tiny_model_d
     assert term.before_step(0, model, data, collate, 16) and not term.before_step(1, model, data, collate, 16)
     assert l_r() < before - 1.0  # measured here: 10.4 → 5.6
     assert all(torch.equal(v, model.hf.state_dict()[k]) for k, v in encoder.items())  # encoder (and tied E) frozen
+    assert model.word_embeddings.weight.requires_grad  # frozen for the warm-up only
     assert torch.equal(rng, torch.get_rng_state())
 
 

@@ -226,17 +226,23 @@ def warm_up_reconstructor(head: Reconstructor, model, data, collate, config, see
     params = [head.dense.weight, head.dense.bias, head.layer_norm.weight, head.layer_norm.bias, head.bias]
     optimizer = torch.optim.AdamW(params, lr=config.rar_warmup_lr)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
-    was_training = model.training
+    was_training, tied = model.training, model.word_embeddings.weight
     model.eval()
+    tied.requires_grad_(False)  # the decoder weight is the encoder's, not warmed: its 30k-row gradient is skipped
     steps, batch_size = config.rar_warmup_steps, config.rar_warmup_batch_size
-    for k in tqdm(range(steps), desc="reconstructor warm-up", disable=not sys.stderr.isatty(), leave=False):
-        idx = order[(torch.arange(batch_size) + k * batch_size) % len(data)].tolist()
-        b = {key: v.to(model.device) for key, v in collate([data[i] for i in idx]).items()}
-        with torch.no_grad():
-            states = model(b["input_ids"], b["attention_mask"]).token_states
-        loss = reconstruction_loss(head(states), b["input_ids"], b["attention_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        model.word_embeddings.weight.grad = None  # the tied decoder weight is the encoder's: not warmed here
-        optimizer.step()
-    model.train(was_training)
+    try:
+        for k in tqdm(range(steps), desc="reconstructor warm-up", disable=not sys.stderr.isatty(), leave=False):
+            idx = order[(torch.arange(batch_size) + k * batch_size) % len(data)].tolist()
+            b = {key: v.to(model.device) for key, v in collate([data[i] for i in idx]).items()}
+            real = b["attention_mask"].bool()
+            with torch.no_grad():
+                states = model(b["input_ids"], b["attention_mask"]).token_states[real]
+            # = reconstruction_loss over the batch (the mean over real positions), without projecting the padding
+            # of these unsorted batches onto the vocabulary
+            loss = F.cross_entropy(head(states), b["input_ids"][real])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        tied.requires_grad_(True)
+        model.train(was_training)
