@@ -168,3 +168,55 @@ def test_search_over_carl_knobs_chooses_on_validation(tmp_path, monkeypatch):
     assert study.best_value == 0.9 and study.best_params["carl_proj_dim"] == 128
     with pytest.raises(UserError, match="no option rar_weight"):
         search(configs, tmp_path / "other", trials=1, names=["rar_weight"])
+
+
+def test_search_with_the_robust_objective_maximises_accuracy_under_attack(tmp_path, monkeypatch):
+    """--objective robust: the trial's value is the attacked selection accuracy (clean is kept beside it), nothing
+    is pruned on clean accuracy, and a study cannot switch objective between sittings."""
+    import carlrar.search
+    import carlrar.train
+    from carlrar.config import TrainConfig
+    from carlrar.errors import UserError
+    from carlrar.methods import AdversarialConfig
+    from carlrar.search import search
+
+    clean = {2: 0.9, 3: 0.5, 4: 0.7}  # clean prefers n = 2 (and would prune n = 3); under attack n = 3 wins
+    robust = {2: 0.2, 3: 0.6, 4: 0.4}
+
+    def fake_train(cfg, adv, on_evaluate):
+        on_evaluate(2, clean[adv.adv_steps])
+        return {"dev": {"accuracy": 0.0}, "validation": {"accuracy": clean[adv.adv_steps]}}
+
+    asked = []
+    monkeypatch.setattr(carlrar.train, "train", fake_train)
+    trial_n = lambda cfg: int(cfg.output_dir.rsplit("-", 1)[1]) + 2  # noqa: E731  trial k searches n = k + 2
+    monkeypatch.setattr(carlrar.search, "robust_accuracy", lambda cfg, eps: asked.append(eps) or robust[trial_n(cfg)])
+    monkeypatch.setattr(carlrar.search, "suggest", lambda trial, names: {"adv_steps": trial.number + 2})
+    configs = (TrainConfig(method="freelb", validation_size=8), AdversarialConfig())
+    study = search(configs, tmp_path / "study", trials=3, names=["adv_steps"], objective="robust",
+                   objective_eps=0.075)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 and asked == [0.075] * 3
+    assert study.best_trial.number == 1  # n = 3
+    trials = json.loads((tmp_path / "study" / "trials.json").read_text())
+    assert [(t["value"], t["clean_accuracy"]) for t in trials] == [(0.2, 0.9), (0.6, 0.5), (0.4, 0.7)]
+    with pytest.raises(UserError, match="maximises robust@0.075, not clean"):
+        search(configs, tmp_path / "study", trials=4, names=["adv_steps"])
+
+
+def test_robust_accuracy_is_the_attack_of_the_chosen_model_on_validation(tiny_model_dir, toy_files, tmp_path):
+    from carlrar.attack import attack_split
+    from carlrar.config import TrainConfig
+    from carlrar.data import EncodedSplit
+    from carlrar.models import load_tokenizer, load_trained
+    from carlrar.search import robust_accuracy
+    from carlrar.train import load_splits, train
+
+    cfg = TrainConfig(model=str(tiny_model_dir), train_file=str(toy_files["train"]), dev_file=str(toy_files["dev"]),
+                      text_column="sentence", method="freelb", max_steps=4, eval_steps=2, batch_size=8, lr=1e-3,
+                      validation_size=16, output_dir=str(tmp_path / "run"))
+    train(cfg)
+    _, _, validation = load_splits(cfg)
+    model, tok = load_trained(tmp_path / "run"), load_tokenizer(str(tmp_path / "run"))
+    expected = attack_split(model, EncodedSplit(validation, tok, cfg.max_length), tok.pad_token_id, [0.5])
+    assert robust_accuracy(cfg, 0.5) == expected["attacks"][0]["accuracy"]
+    assert expected["attacks"][0]["accuracy"] < expected["clean_accuracy"]  # the attack bites: not a clean copy

@@ -74,7 +74,7 @@ def cmd_search(argv: list[str]):
     from carlrar.search import SPACE, TABLE_8, search
 
     p = ArgumentParser(prog="carlrar search", description="Optuna search over the paper's Table 8 bounds "
-                       "(γ, α, ε, n), objective dev accuracy, resumable (SQLite); other options as carlrar train",
+                       "(γ, α, ε, n), objective validation (else dev) accuracy, clean or under attack, resumable (SQLite); other options as carlrar train",
                        add_help=False)
     p.add_argument("--study-dir", required=True, type=path("new_dir"), help="folder for study.db, one folder per "
                    "trial, best.yaml")
@@ -85,6 +85,10 @@ def cmd_search(argv: list[str]):
                    f"(default Table 8's {','.join(TABLE_8)})")
     p.add_argument("--search-seed", type=number(whole=True, low=0, high=SEED_MAX), default=0, help="the sampler's "
                    "seed")
+    p.add_argument("--objective", choices=["clean", "robust"], default="clean", help="clean: selection accuracy "
+                   "(the paper's); robust: its accuracy under 10-step k-PGD at --objective-eps (no pruning)")
+    p.add_argument("--objective-eps", type=number(above=0), default=0.1, help="ε of --objective robust "
+                   "(default 0.1)")
     if argv in (["-h"], ["--help"]):
         p.print_help()
         print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
@@ -98,9 +102,11 @@ def cmd_search(argv: list[str]):
     by_class = {type(c): c for c in parsed[1:]}
     configs = (cfg, *[by_class[c] for c in METHODS[cfg.method].config_classes])
     names = [n.strip() for n in args.params.split(",") if n.strip()]
-    study = search(configs, Path(args.study_dir), args.trials, args.sampler, names, args.search_seed)
+    study = search(configs, Path(args.study_dir), args.trials, args.sampler, names, args.search_seed, args.objective,
+                   args.objective_eps)
     best = study.best_trial
-    print(f"best trial {best.number}: selection accuracy {best.value:.4f} with "
+    what = "selection accuracy" if args.objective == "clean" else f"accuracy under attack (ε {args.objective_eps:g})"
+    print(f"best trial {best.number}: {what} {best.value:.4f} with "
           + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()))
     print(f"best configuration written to {Path(args.study_dir) / 'best.yaml'} "
           f"(carlrar train --config {Path(args.study_dir) / 'best.yaml'})", file=sys.stderr)
