@@ -144,12 +144,19 @@ def _coerce(value, tp, where: str):
 def from_mapping(cls, data: dict, where: str):
     """A config dataclass from a protocol's mapping (keys as the fields, ``-`` or ``_``); missing keys keep their
     defaults; an unknown key or a bad value is one line naming ``where``."""
+    return from_mappings((cls,), data, where)[0]
+
+
+def from_mappings(classes: tuple[type, ...], data: dict, where: str) -> tuple:
+    """``from_mapping`` for one mapping that holds the fields of several config dataclasses (no field in two), e.g. a
+    protocol's ``attack:`` section: k-PGD's knobs and the dev subset it attacks. One instance per class."""
     options = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in classes]
+    unknown = sorted(set(options).difference(*names))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}")
     try:
-        return cls(**options)
+        return tuple(cls(**{k: v for k, v in options.items() if k in own}) for cls, own in zip(classes, names))
     except (UserError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
 
