@@ -1,7 +1,8 @@
 """``carlrar reproduce``: the paper's comparison as a grid of runs, methods × datasets × seeds.
 
 Each run: train (best-dev checkpoint kept) → clean dev (+ test when the dataset has a test file) → k-PGD at each ε
-(Table 5) → unprojected R vs R^adv distances per α (Table 4). Layout of RESULTS:
+(Table 5) → unprojected R vs R^adv distances per α (Table 4), attacked on all of dev or on the protocol's seeded subset
+of it (``DevSubset``). Layout of RESULTS:
 
   index.json              the protocol, the command, and one entry per run: status (done / failed / pending), seconds
   runs/<name>.json        everything ``carlrar report`` needs about one finished run, incl. per-example results
@@ -21,16 +22,42 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 from carlrar.attack import AttackConfig
-from carlrar.config import PRESETS, TrainConfig, coerce_options, read_yaml
+from carlrar.config import (PRESETS, Limits, TrainConfig, check, coerce_options, config_field, from_mappings,
+                            read_yaml)
 from carlrar.errors import UserError
 from carlrar.ownership import json_text, locked, write_whole
 from carlrar.textattack_recipes import TextAttackConfig
+from carlrar.validation import SEED_MAX
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 # relative cost of a run when no run of that method has finished yet (from benchmarks/step_time.py + attack)
 COST = {"base": 1.0, "freelb": 1.5, "pgd": 2.0, "fgm": 1.5, "carl": 2.4, "rar": 2.6, "carl-rar": 3.4}
+
+
+@dataclasses.dataclass
+class DevSubset:
+    """The dev examples a protocol's k-PGD attacks (keys of its ``attack:`` section beside ``AttackConfig``'s): all of
+    dev, or a seeded subset drawn with its own seed, not the run's, so that every run of a dataset is attacked on the
+    same examples in the same order (the report's paired bootstrap pairs them one by one). Not ``AttackConfig``
+    fields: ``carlrar attack`` has its own --limit / --seed for that."""
+
+    examples: int | None = config_field(None, "attack a seeded subset of this many dev examples (None: all of dev)")
+    seed: int = config_field(0, "seed of the subset")
+
+    LIMITS: ClassVar[Limits] = Limits(minimum={"examples": 1, "seed": 0}, maximum={"seed": SEED_MAX})
+
+    def __post_init__(self):
+        check(self)
+
+
+class GridAttack(NamedTuple):
+    """How one dataset's runs are attacked: k-PGD's knobs and the dev examples."""
+
+    config: AttackConfig
+    dev: DevSubset
 
 
 @dataclasses.dataclass
@@ -50,6 +77,8 @@ class Protocol:
     datasets_overrides: dict
     attack: AttackConfig
     source: str
+    dev_subset: DevSubset = dataclasses.field(default_factory=DevSubset)  # read from the attack: section
+    attack_overrides: dict = dataclasses.field(default_factory=dict)  # dataset → attack: keys on top of the section
     variants: dict = dataclasses.field(default_factory=dict)
     trunk: dict = dataclasses.field(default_factory=dict)
     branches: list = dataclasses.field(default_factory=list)
@@ -65,14 +94,17 @@ class Protocol:
             known = ", ".join(sorted(p.stem for p in PROTOCOLS.glob("*.yaml")))
             raise UserError(f"unknown protocol {name_or_path!r}: not a file and not one of {known}")
         data = read_yaml(path)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"source", "dev_subset"}
         if unknown:
             raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-        attack = AttackConfig.from_dict(data.get("attack") or {}, f"{path}: attack")
+        attack, dev_subset = from_mappings((AttackConfig, DevSubset), data.get("attack") or {}, f"{path}: attack")
+        if not isinstance(data.get("attack_overrides") or {}, dict):
+            raise UserError(f"{path}: attack_overrides: expected a mapping of dataset: attack keys")
         protocol = cls(methods=list(data.get("methods", ["base", "freelb", "carl", "rar", "carl-rar"])),
                        datasets=list(data.get("datasets", ["sst2"])), seeds=list(data.get("seeds", [0, 1, 2])),
                        train=data.get("train") or {}, datasets_overrides=data.get("datasets_overrides") or {},
-                       attack=attack, source=str(path), variants=data.get("variants") or {},
+                       attack=attack, dev_subset=dev_subset, attack_overrides=data.get("attack_overrides") or {},
+                       source=str(path), variants=data.get("variants") or {},
                        trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
                        branch_steps=int(data.get("branch_steps") or 0),
                        text_attack=TextAttackConfig.from_dict(data["text_attack"], f"{path}: text_attack")
@@ -82,7 +114,19 @@ class Protocol:
                             "the methods")
         if protocol.trunk and not (protocol.trunk.get("max_steps") and protocol.branch_steps > 0):
             raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
+        for dataset in protocol.attack_overrides:  # bad keys or values fail here, before any run
+            protocol.attack_for(dataset)
         return protocol
+
+    def attack_for(self, dataset: str) -> GridAttack:
+        """How ``dataset``'s runs are attacked: the ``attack:`` section with the dataset's ``attack_overrides`` on top
+        (e.g. a subset of AG News's 2,000 dev examples, all 872 of SST-2's)."""
+        own = self.attack_overrides.get(dataset) or {}
+        where = f"{self.source}: attack_overrides: {dataset}"
+        if not isinstance(own, dict):
+            raise UserError(f"{where}: expected a mapping of attack keys")
+        merged = {**dataclasses.asdict(self.attack), **dataclasses.asdict(self.dev_subset), **own}
+        return GridAttack(*from_mappings((AttackConfig, DevSubset), merged, where))
 
     def grid(self) -> list[tuple[str, str, int]]:
         """(dataset, name, seed) in running order: seeds outermost (a partial grid compares every method), each
@@ -151,14 +195,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def execute_run(configs, attack: AttackConfig | None) -> dict:
-    """Train (resuming if interrupted), then attack the best-dev model on the dev set (a trunk: no attack)."""
+def model_and_dev(cfg, examples: int | None = None, seed: int = 0):
+    """A run's trained model and tokenizer, its dev split encoded with the model's labels (a seeded subset of
+    ``examples`` when given: the same for every run of the dataset, whatever the run's seed), and dev's full size."""
     from transformers import AutoTokenizer
 
+    from carlrar.data import EncodedSplit, load_dataset, subset
+    from carlrar.models import label_names, load_trained
+
+    out = cfg.resolved_output_dir()
+    model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
+                      cfg.label_column)
+    dev = ds.split_for_model("dev", label_names(model))
+    return model, tokenizer, EncodedSplit(subset(dev, examples, seed), tokenizer, cfg.max_length), len(dev)
+
+
+def execute_run(configs, attack: GridAttack | None) -> dict:
+    """Train (resuming if interrupted), then attack the chosen model on dev or its seeded subset (a trunk: no
+    attack). Clean dev accuracy (training's) is always all of dev."""
     from carlrar.attack import run_attack
     from carlrar.config import to_dict
-    from carlrar.data import EncodedSplit, load_dataset
-    from carlrar.models import label_names, load_trained
     from carlrar.train import train
 
     cfg = configs[0]
@@ -173,13 +230,12 @@ def execute_run(configs, attack: AttackConfig | None) -> dict:
         record["trunk_curves"] = [c for c in read_jsonl(trunk / "metrics.jsonl") if c["step"] <= record["branch"]["step"]]
     if attack is None:
         return record
-    model, tokenizer = load_trained(out), AutoTokenizer.from_pretrained(out)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
-                      cfg.label_column)
-    dev = ds.split_for_model("dev", label_names(model))
-    result = run_attack(model, EncodedSplit(dev, tokenizer, cfg.max_length), tokenizer.pad_token_id, attack,
-                        cfg.eval_batch_size, seed=cfg.seed, per_example=True)
+    model, tokenizer, dev, n_dev = model_and_dev(cfg, attack.dev.examples, attack.dev.seed)
+    result = run_attack(model, dev, tokenizer.pad_token_id, attack.config, cfg.eval_batch_size, seed=cfg.seed,
+                        per_example=True)
     per_example = result.pop("per_example")
+    # which examples: the report names a subset and checks that every run of the dataset had the same ones
+    result["dev_subset"] = {"examples": len(dev), "of": n_dev, "seed": attack.dev.seed if len(dev) < n_dev else None}
     return {**record, "attack": result, "per_example": per_example}
 
 
@@ -258,7 +314,7 @@ def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra
         entry = index["runs"][name]
         started = time.time()
         try:
-            record = execute_run(configs[name], None if g[1] == "trunk" else protocol.attack)
+            record = execute_run(configs[name], None if g[1] == "trunk" else protocol.attack_for(g[0]))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (recorded and reported; the grid goes on)

@@ -18,16 +18,11 @@ from carlrar.textattack_recipes import RAR_SAMPLES, run_recipes
 
 def _model_and_subset(cfg, ta):
     """A run's trained model and tokenizer, and the protocol's seeded dev subset, encoded with its labels."""
-    from transformers import AutoTokenizer
+    from carlrar.models import label_names
+    from carlrar.reproduce import model_and_dev
 
-    from carlrar.data import EncodedSplit, load_dataset, subset
-    from carlrar.models import label_names, load_trained
-
-    model, tokenizer = load_trained(cfg.output_dir), AutoTokenizer.from_pretrained(cfg.output_dir)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.train_file, cfg.dev_file, cfg.test_file, cfg.text_column,
-                      cfg.label_column)
-    dev = subset(ds.split_for_model("dev", label_names(model)), ta.examples, ta.seed)
-    return model, tokenizer, EncodedSplit(dev, tokenizer, cfg.max_length), label_names(model)
+    model, tokenizer, dev, _ = model_and_dev(cfg, ta.examples, ta.seed)
+    return model, tokenizer, dev, label_names(model)
 
 
 def rar_samples(protocol, cfg, out: Path) -> Path:
