@@ -247,7 +247,7 @@ def family_best(grid: Grid, d: str) -> dict[str, list[tuple[str, float, int]]]:
     the paper's default (the variant named as the method). Family → candidates (name, mean validation, seeds), the
     chosen first. Variants without a validation split are left out: dev never chooses."""
     families: dict[str, list[tuple[str, float, int]]] = {}
-    for m in grid.methods:
+    for m in [m for m in grid.methods if grid.runs(d, m)]:  # another dataset's methods may have no run here
         runs = grid.runs(d, m)
         family = runs[0]["config"].get("method", m)
         accuracies = [r["final"].get("validation", {}).get("accuracy") for r in runs]
