@@ -8,7 +8,8 @@ Writes RESULTS/report.md and RESULTS/*.png:
 - Table 4b (extra, not the paper's definition): the same after k unprojected steps of size α.
 - Table 5: accuracy under k-PGD per ε. Table 7: parameter counts (ours, and ALBERT-base built from its config).
 - Paired bootstrap 95 % CIs of every method − FreeLB, for accuracy and per-example cos(R, R^adv): dev examples
-  resampled with replacement (the same for both methods), and each method's seeds.
+  resampled with replacement (the same for both methods), and each method's seeds. When a protocol attacked a
+  seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
 - Diagnostics: ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in the first 50 steps after
   the auxiliary term starts. Figures: ``report_plots``.
 
@@ -94,8 +95,14 @@ class Grid:
         return self.groups.get((d, m), [])
 
     def attack(self, d: str) -> dict:
-        """How dataset d's runs were attacked (the grid attacks them alike)."""
-        return next(rs for (dd, _), rs in self.groups.items() if dd == d)[0]["attack"]
+        """How dataset d's runs were attacked: alike, on the same dev examples (the paired bootstrap pairs them)."""
+        runs = [r for (dd, _), rs in self.groups.items() if dd == d for r in rs]
+        seen = {dev_subset(r["attack"]): r["name"] for r in runs}
+        if len(seen) > 1:
+            kinds = "; ".join(f"{name}: {subset or 'all of dev'}" for subset, name in seen.items())
+            raise UserError(f"{d}: runs attacked on different dev examples ({kinds}), which the paired bootstrap "
+                            "cannot pair: delete the odd runs' runs/<run>.json and reproduce attacks them again")
+        return runs[0]["attack"]
 
     def cell(self, d: str, m: str, get: Callable[[dict], float | None], scale: float = 100.0, digits: int = 2) -> str:
         """Mean ± std over (d, m)'s seeds of ``get(run)`` (runs where it is None left out); the number of seeds in
@@ -135,12 +142,28 @@ def example_cos(runs: list[dict], eps: float) -> np.ndarray:
     return np.array([find(r["per_example"]["attacks"], "eps", eps)["cos"] for r in runs], dtype=float)
 
 
+def dev_subset(attack: dict) -> str | None:
+    """The seeded subset of dev a run was attacked on, in words; None: all of dev (so were the runs recorded before
+    protocols had a ``DevSubset``)."""
+    s = attack.get("dev_subset") or {}
+    return None if s.get("seed") is None else \
+        f"a seeded {s['examples']:,}-example subset of dev (seed {s['seed']}), of its {s['of']:,}"
+
+
 def attack_setting(attack: dict) -> str:
     """How a run attacked, for titles: norm, step size, init; a protocol's ``attack:`` section may change each."""
     fixed = sorted({a["step_size"] for a in attack["attacks"] if a["step_size"] != a["eps"] / 4})
     step = f"step {', '.join(f'{s:g}' for s in fixed)}" if fixed else "step ε/4"
     init = f"random init {attack['init_mag']:g}" if attack["init_mag"] else "zero init"
     return f"{NORMS.get(attack['norm'], attack['norm'])}, {step}, {init}"
+
+
+def subset_note(grid: Grid, d: str) -> list[str]:
+    """Next to the attacked tables, when the attacks ran on a subset of dev: which tables are on it."""
+    subset = dev_subset(grid.attack(d))
+    return ["", f"**Attacks ({d}): k-PGD on {subset}, the same examples for every run.** Tables 4, 4b and 5's ε "
+            "columns and the paired bootstraps (their clean column too) are on these; Table 2 and Table 5's clean "
+            "column are all of dev."] if subset else []
 
 
 def table4_alphas(attack: dict) -> list[float]:
@@ -232,8 +255,8 @@ def bootstrap_tables(grid: Grid, d: str) -> list[str]:
     cosines = lambda mean, lo, hi: f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
     heads = [f"ε={e:g}" for e in eps]
     return ["", f"## Paired bootstrap ({d}): accuracy difference vs FreeLB, percentage points, 95 % CI", "",
-            "10,000 draws, each resampling the dev examples (paired: the same for both methods) and each method's "
-            "seeds.", "", *md_table(["comparison", "clean", *heads],
+            "10,000 draws, each resampling the attacked dev examples (paired: the same for both methods) and each "
+            "method's seeds.", "", *md_table(["comparison", "clean", *heads],
                                     bootstrap_rows(grid, d, [None, *eps], correctness, points)),
             "", f"## Paired bootstrap ({d}): cos(R, R^adv) difference vs FreeLB after k-PGD projected to radius ε, "
             "95 % CI", "", "Per dev example, resampled as above; positive: the method's representation turns less "
@@ -370,8 +393,8 @@ def tables(index: dict, runs: list[dict]) -> str:
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
-        lines += [*table4(grid, d), *table4b(grid, d), *table5(grid, d), *bootstrap_tables(grid, d),
-                  *family_tables(grid, d), *diagnostics_section(grid, d)]
+        lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d),
+                  *bootstrap_tables(grid, d), *family_tables(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "
               "speed): " + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"
