@@ -55,3 +55,32 @@ def test_trunk_is_trained_once_and_branches_record_their_branch_point(tiny_model
     assert "branch" not in base and base["final"]["steps"] == 6
     main(["reproduce", "--protocol", str(protocol), "--results", str(results)])  # all done: nothing retrained
     assert len(trained) == 5
+
+
+def test_the_converged_protocol_on_agnews_and_sst2(tmp_path):
+    """AG News: the same 750 + 250 steps as 3 + 1 epochs of 4,000 at the preset's batch 16 and FreeLB knobs, m
+    scaled to the bank, k-PGD on a seeded 500 of dev's 2,000; SST-2's runs as they were."""
+    from carlrar.reproduce import DevSubset
+
+    protocol = Protocol.load("converged")
+    models = tmp_path / "m"
+    trunk, adv = run_configs(protocol, "agnews", "trunk", 1, models, {})
+    carl, carl_adv, contrastive = run_configs(protocol, "agnews", "carl", 1, models, {})
+    for cfg in (trunk, carl):
+        assert (cfg.batch_size, cfg.lr, cfg.lr_schedule, cfg.train_subset, cfg.validation_size, cfg.seed) == \
+            (16, 2e-5, "constant", 4000, 1000, 1)
+    assert trunk.max_steps * trunk.batch_size == 3 * trunk.train_subset  # three epochs
+    for a in (adv, carl_adv):  # Table 1's AG News FreeLB
+        assert (a.adv_init_mag, a.adv_lr, a.adv_max_norm, a.adv_steps) == (0.0, 0.01, 0.0, 3)
+    assert (carl.max_steps, carl.init_from) == (1000, str(models / "agnews-trunk-s1"))
+    assert (contrastive.carl_start_step, contrastive.carl_negatives) == (750, 1067)
+    assert protocol.attack_for("agnews").dev == DevSubset(examples=500, seed=0)
+
+    trunk, adv = run_configs(protocol, "sst2", "trunk", 1, models, {})
+    carl, _, contrastive = run_configs(protocol, "sst2", "carl", 1, models, {})
+    assert (trunk.batch_size, trunk.lr, trunk.train_subset, trunk.validation_size, trunk.max_steps) == \
+        (32, 2e-5, 8000, 872, 750)
+    assert (adv.adv_init_mag, adv.adv_lr, adv.adv_steps) == (0.6, 0.1, 2)
+    assert (carl.max_steps, contrastive.carl_start_step, contrastive.carl_negatives) == (1000, 750, 1900)
+    assert protocol.attack_for("sst2").dev == DevSubset()  # all 872 dev examples
+    assert protocol.attack_for("sst2").config == protocol.attack_for("agnews").config == protocol.attack
