@@ -10,8 +10,8 @@ Writes RESULTS/report.md and RESULTS/*.png:
 - Paired bootstrap 95 % CIs of every method − FreeLB, for accuracy and per-example cos(R, R^adv): dev examples
   resampled with replacement (the same for both methods), and each method's seeds. When a protocol attacked a
   seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
-- Diagnostics: ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in the first 50 steps after
-  the auxiliary term starts. Figures: ``report_plots``.
+- Diagnostics (``report_diagnostics``): ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in
+  the first 50 steps after the auxiliary term starts. Figures: ``report_plots``.
 
 ``carlrar compare RUN...`` (``carlrar.compare``) is the small version for plain ``carlrar train`` output directories.
 """
@@ -28,13 +28,13 @@ import numpy as np
 
 from carlrar.errors import UserError
 from carlrar.ownership import write_whole
+from carlrar.report_diagnostics import aux_start, diagnostics_section  # noqa: F401 (aux_start re-exported)
 
 ORDER = ["base", "fgm", "pgd", "freelb", "carl", "rar", "carl-rar"]
 NAMES = {"base": "Fine-tune", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl-rar": "CARL+RAR",
          "pgd": "PGD", "fgm": "FGM"}
 NORMS = {"l2": "L2", "linf": "L∞"}
 PAPER_ALPHAS = (0.1, 0.075)  # Table 4's "max perturbation norms α": radii of projected k-PGD
-DIAGNOSTIC_WINDOW = 50  # steps after the auxiliary term starts that the Diagnostics section summarises
 
 
 def load_runs(results: Path) -> tuple[dict, list[dict]]:
@@ -298,65 +298,6 @@ def family_tables(grid: Grid, d: str) -> list[str]:
             *md_table(["family", "variants: validation % (seeds)", "chosen"], listed), "",
             *md_table(["chosen − FreeLB (dev, 95 % CI)", "clean", *(f"ε={e:g}" for e in eps)],
                       bootstrap_rows(chosen, d, [None, *eps], correctness, points))]
-
-
-def aux_start(run: dict) -> int | None:
-    """The step at which the run's auxiliary term starts: a branch's step; else CARL's carl_start_step (≥ 1: that
-    step, < 1: that fraction of the run's steps, as ContrastiveTerm resolves it; under the plateau rule the first
-    diagnostic step with ∇L_D); None when every term runs from the first step."""
-    if run.get("branch"):
-        return int(run["branch"]["step"])
-    config = run["config"]
-    if config.get("carl_start_rule") == "plateau":
-        return next((x["step"] for x in run.get("diagnostics") or [] if "grad_D" in x), None)
-    start = config.get("carl_start_step")
-    if start is None:
-        return None
-    return int(round(start * run["final"]["steps"])) if 0 < start < 1 else int(start)
-
-
-def ratio(a: str, b: str) -> Callable[[dict], float | None]:
-    return lambda x: x[a] / x[b] if x.get(a) is not None and x.get(b) else None
-
-
-# the Diagnostics columns: header, value of one diagnostics record, how the seeds' window means combine, format
-DIAGNOSTICS = [("‖∇L_D‖ / ‖∇L_C‖ (median)", ratio("grad_D", "grad_C"), statistics.median, "{:.2f}"),
-               ("cos(∇L_C, ∇L_D) (median)", lambda x: x.get("cos_C_D"), statistics.median, "{:+.3f}"),
-               ("‖∇L_R‖ / ‖∇L_C‖ (median)", ratio("grad_R", "grad_C"), statistics.median, "{:.2f}"),
-               ("cos(∇L_C, ∇L_R) (median)", lambda x: x.get("cos_C_R"), statistics.median, "{:+.3f}"),
-               ("clip factor (mean)", lambda x: x.get("clip_factor"), statistics.mean, "{:.3f}")]
-
-
-def window_mean(run: dict, get: Callable[[dict], float | None]) -> float | None:
-    """Mean of ``get(record)`` over the run's diagnostics records in the first 50 steps from its auxiliary term's
-    start (step 0 when it has none); None when no record there has the value."""
-    start = aux_start(run) or 0
-    values = [get(x) for x in run.get("diagnostics") or [] if start <= x["step"] < start + DIAGNOSTIC_WINDOW]
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
-
-
-def diagnostics_section(grid: Grid, d: str) -> list[str]:
-    """How large and how aligned the auxiliary term's gradient is next to L_C's just after it starts: a term that
-    dwarfs and opposes ∇L_C (GUIDE §2: ‖∇L_D‖ ≈ 49 × ‖∇L_C‖ at cos ≈ −0.06) takes over the clipped step."""
-    rows = []
-    for m in grid.methods:
-        runs = [r for r in grid.runs(d, m) if r.get("diagnostics")]
-        if not runs:
-            continue
-        cells = []
-        for _, get, over_seeds, fmt in DIAGNOSTICS:
-            means = [v for v in (window_mean(r, get) for r in runs) if v is not None]
-            cells.append(fmt.format(over_seeds(means)) if means else "–")
-        starts = sorted({aux_start(r) or 0 for r in runs})
-        rows.append([NAMES.get(m, m), str(len(runs)), ", ".join(map(str, starts)), *cells])
-    if not rows:
-        return []
-    return ["", f"## Diagnostics ({d}): objective terms' gradients in the first {DIAGNOSTIC_WINDOW} steps after the "
-            "auxiliary term starts", "", f"Per run: the mean over its diagnostic steps in [start, start + "
-            f"{DIAGNOSTIC_WINDOW}) (start: a branch's step, CARL's start step, else 0); then over seeds as marked. "
-            "Clip factor: the fraction of the step's gradient kept by clipping.", "",
-            *md_table(["method", "seeds", "start step", *(h for h, *_ in DIAGNOSTICS)], rows)]
 
 
 def table7(grid: Grid) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from carlrar.report import NAMES, NORMS, aux_start, find, grouped, method_key, table4_alphas
+from carlrar.report import NAMES, NORMS, find, grouped, method_key, table4_alphas
+from carlrar.report_diagnostics import aux_start
 
 TERM_STYLES = {"C": "-", "D": "-.", "R": ":"}  # linestyle per objective term in the diagnostics figure
 
