@@ -25,8 +25,8 @@ The peers, re-created from the code as read (not copied):
   ``max_seq_len``) and ``utils/my_utils.py`` ``collate_fn`` (cut to the batch's longest), ``main.py`` @ cc60d0a
   (shuffled ``DataLoader``, ``torch.optim.AdamW`` non-fused, ``CrossEntropyLoss(reduction='none')`` then the mean,
   the model built with ``output_hidden_states=True``, clip 1.0). Stock Hugging Face model: every dropout mask is
-  fresh on every pass. Per step it is the example's algorithm; only the calls differ, so it is timed as its own
-  variant but checked with the example.
+  fresh on every pass. Per step it is the example's algorithm with other calls: ``check`` shows the same
+  gradients, and ``--textdefender`` times it as its own variant.
 
 carlrar's ``freelb_step`` runs the same arithmetic (``src/carlrar/perturb.py``); ``check`` below shows it gives the
 peers' parameter gradients on the same batch and δ init, padded to the batch's longest or to 128 (padding under the
@@ -35,7 +35,7 @@ as TextDefender). Its default, ``adv_reuse_dropout=True``, reuses *every* dropou
 peer's choice exactly (the example reuses only the attention-probability masks), a documented difference.
 
     .venv/bin/python benchmarks/peers.py --batches 4 --rounds 2          # a few minutes on an idle machine
-    .venv/bin/python benchmarks/peers.py --with-fixed                    # + the example with no cut (fixed 128)
+    .venv/bin/python benchmarks/peers.py --textdefender --with-fixed     # + TextDefender, + the example uncut (128)
 """
 
 import argparse
@@ -149,9 +149,16 @@ def fixed_width(batch: dict, width: int, pad_token_id: int) -> dict:
 
 
 def spread(batches: list[dict], k: int) -> list[dict]:
-    """k batches at evenly spaced quantiles of the epoch's batch widths, so their mean width is the epoch's."""
+    """k batches standing for the epoch: the batches sorted by width cut into k equal strata, from each the batch
+    closest to its stratum's mean size, so the mean computed tokens per example stay within a few % of the epoch's
+    (a stratum's median misses the long tail of the length-grouped widths: 8 % short at k = 3)."""
     ranked = sorted(batches, key=lambda b: b["input_ids"].size(1))
-    return [ranked[int((i + 0.5) * len(ranked) / k)] for i in range(k)]
+    picked = []
+    for i in range(k):
+        stratum = ranked[i * len(ranked) // k:(i + 1) * len(ranked) // k]
+        mean = sum(b["input_ids"].numel() for b in stratum) / len(stratum)
+        picked.append(min(stratum, key=lambda b: abs(b["input_ids"].numel() - mean)))
+    return picked
 
 
 def tokens(batches: list[dict]) -> tuple[float, float]:
@@ -244,6 +251,23 @@ def carlrar_step(model, opt, sched, method):
     return step
 
 
+def optimizer_seconds(model, optimizers: dict, repeats: int = 3) -> dict[str, float]:
+    """Seconds per ``step()`` of each optimiser alone (best of ``repeats``), on zero gradients of the model's
+    shapes: the part of the loop factor that is the optimiser."""
+    out = {}
+    for name, opt in optimizers.items():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            opt.step()
+            best = min(best, time.process_time() - start)
+        out[name] = best
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def setup(args):
     ds = load_dataset("sst2")
     tok = load_tokenizer("minilm")
@@ -262,14 +286,16 @@ def setup(args):
     method = Method("freelb", adv, model=model, total_steps=total)
     k = args.batches
     sides = [Side("FreeLB example (random, cut)", spread(epochs["random"], k), peer_step(model, opt, sched, adv)),
-             Side("TextDefender (random, cut)", spread(epochs["random"], k), peer_step(model, opt, sched, adv, True)),
              Side("carlrar step, example's batches", spread(epochs["random"], k),
                   carlrar_step(model, ours, our_sched, method)),
              Side("carlrar (length-grouped)", spread(epochs["grouped"], k), carlrar_step(model, ours, our_sched, method))]
+    if args.textdefender:  # the example's step with other calls: timed only on request
+        sides.insert(1, Side("TextDefender (random, cut)", spread(epochs["random"], k),
+                             peer_step(model, opt, sched, adv, textdefender=True)))
     if args.with_fixed:
         sides.insert(0, Side("FreeLB example, fixed 128", spread(epochs["fixed"], args.fixed_batches),
                              peer_step(model, opt, sched, adv)))
-    return model, adv, pad, epochs, sides
+    return model, adv, pad, epochs, sides, {"AdamW per tensor (peers)": opt, "fused AdamW (carlrar)": ours}
 
 
 def report(sides: list, epochs: dict, adv, checks: dict, peaks: tuple, threads: int):
@@ -307,13 +333,14 @@ def main():
     p.add_argument("--examples", type=int, default=4000, help="seeded SST-2 training subset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--textdefender", action="store_true", help="also time TextDefender's step (the example's algorithm)")
     p.add_argument("--with-fixed", action="store_true", help="also the example with no cut (every batch 128 wide)")
     p.add_argument("--fixed-batches", type=int, default=1, help="timed fixed-128 batches per round (slow)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     peak_start = measure_matmul_peak()
-    model, adv, pad, epochs, sides = setup(args)
+    model, adv, pad, epochs, sides, optimizers = setup(args)
     narrowest = min(epochs["random"], key=lambda b: b["input_ids"].size(1))  # the cheapest to check and warm up on
     checks = check(model, narrowest, adv, pad)
     for s in sides:  # warm-up: first-call allocations and optimiser state out of the timing
@@ -323,6 +350,8 @@ def main():
             s.run()
             print(f"  {s.label:34s} {s.wall[-1]:7.2f} ex/s  {s.cpu[-1]:7.2f} ex/CPU-s", flush=True)
     report(sides, epochs, adv, checks, (peak_start, measure_matmul_peak()), torch.get_num_threads())
+    print("optimiser step alone, CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                      optimizer_seconds(model, optimizers).items()))
 
 
 if __name__ == "__main__":
