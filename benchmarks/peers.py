@@ -114,8 +114,9 @@ def peer_passes(hf, batch: dict, adv: AdversarialConfig, textdefender: bool = Fa
 def peer_optimizer(hf, lr: float, total_steps: int):
     """Their AdamW: decay groups by name, eps 1e-8, one tensor at a time (not fused); linear schedule."""
     no_decay = ("bias", "LayerNorm.weight")
-    groups = [{"params": [p for n, p in hf.named_parameters() if not any(k in n for k in no_decay)], "weight_decay": 0.0},
-              {"params": [p for n, p in hf.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0}]
+    decays = lambda name: not any(k in name for k in no_decay)  # noqa: E731
+    groups = [{"params": [p for n, p in hf.named_parameters() if decays(n)], "weight_decay": 0.0},
+              {"params": [p for n, p in hf.named_parameters() if not decays(n)], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, eps=1e-8, foreach=False, fused=False)
     return opt, get_linear_schedule_with_warmup(opt, 0, total_steps)
 
@@ -288,7 +289,8 @@ def setup(args):
     sides = [Side("FreeLB example (random, cut)", spread(epochs["random"], k), peer_step(model, opt, sched, adv)),
              Side("carlrar step, example's batches", spread(epochs["random"], k),
                   carlrar_step(model, ours, our_sched, method)),
-             Side("carlrar (length-grouped)", spread(epochs["grouped"], k), carlrar_step(model, ours, our_sched, method))]
+             Side("carlrar (length-grouped)", spread(epochs["grouped"], k),
+                  carlrar_step(model, ours, our_sched, method))]
     if args.textdefender:  # the example's step with other calls: timed only on request
         sides.insert(1, Side("TextDefender (random, cut)", spread(epochs["random"], k),
                              peer_step(model, opt, sched, adv, textdefender=True)))
@@ -299,7 +301,8 @@ def setup(args):
 
 
 def report(sides: list, epochs: dict, adv, checks: dict, peaks: tuple, threads: int):
-    print(f"{threads} thread(s) · MiniLM · batch {len(sides[-1].batches[0]['labels'])} · FreeLB n = {adv.adv_steps} · "
+    batch = len(sides[-1].batches[0]["labels"])
+    print(f"{threads} thread(s) · MiniLM · batch {batch} · FreeLB n = {adv.adv_steps} · "
           f"median of {len(sides[0].wall)} interleaved rounds · fp32 matmul peak {peaks[0] / 1e9:.0f} / "
           f"{peaks[1] / 1e9:.0f} GFLOP/s (start / end)")
     print(f"{'variant':34s} {'batches':>7s} {'ex/s':>7s} {'ex/CPU-s':>9s} {'real tok':>8s} {'computed':>8s}")
@@ -333,7 +336,8 @@ def main():
     p.add_argument("--examples", type=int, default=4000, help="seeded SST-2 training subset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--textdefender", action="store_true", help="also time TextDefender's step (the example's algorithm)")
+    p.add_argument("--textdefender", action="store_true",
+                   help="also time TextDefender's step (the example's algorithm)")
     p.add_argument("--with-fixed", action="store_true", help="also the example with no cut (every batch 128 wide)")
     p.add_argument("--fixed-batches", type=int, default=1, help="timed fixed-128 batches per round (slow)")
     args = p.parse_args()

@@ -143,9 +143,11 @@ def main():
     names, cpu = list(methods), {}
     times = time_methods(model, methods, batches, opt, args.rounds, cpu)
     base, base_cpu = statistics.median(times[names[0]]), statistics.median(cpu[names[0]])
-    print(f"{args.model} · {torch.get_num_threads()} threads · batch {args.batch_size} · {args.batches} length-grouped "
-          f"SST-2 batches × {args.rounds} rounds · mean real length {sum(b['attention_mask'].sum().item() for b in batches) / sum(len(b['labels']) for b in batches):.1f}")
-    print(f"{'method':16s} {'s/step':>8s} {'× ' + names[0]:>12s} {'CPU s/step':>10s} {'×':>6s}   built on (wall, CPU)")
+    real = sum(b["attention_mask"].sum().item() for b in batches) / sum(len(b["labels"]) for b in batches)
+    print(f"{args.model} · {torch.get_num_threads()} threads · batch {args.batch_size} · {args.batches} "
+          f"length-grouped SST-2 batches × {args.rounds} rounds · mean real length {real:.1f}")
+    print(f"{'method':16s} {'s/step':>8s} {'× ' + names[0]:>12s} {'CPU s/step':>10s} {'×':>6s}"
+          "   built on (wall, CPU)")
     for n in names:
         t, c = statistics.median(times[n]), statistics.median(cpu[n])
         other = RELATIVE_TO.get(n)

@@ -20,8 +20,8 @@ def toy_batch(model_dir):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = tok(["a wonderful film", "awful", "i hated it , truly , deeply"], padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([1, 0, 0])}, \
-        tok.pad_token_id
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([1, 0, 0])}
+    return batch, tok.pad_token_id
 
 
 @pytest.mark.parametrize("adv", [AdversarialConfig(adv_steps=2), AdversarialConfig(adv_steps=3, adv_max_norm=0.05)])
