@@ -1,4 +1,5 @@
-"""README's equation table points at the lines of code that compute each equation; this keeps it true.
+"""README's equation table points at the lines of code that compute each equation, and its layout paragraph names
+every module and benchmark; this keeps both true.
 
     python tests/test_readme.py --fix     # rewrite the line numbers after the code moved
 """
@@ -27,6 +28,14 @@ def test_every_equation_row_points_at_its_code():
     for m in found:
         assert actual_line(m) == int(m["line"]), f"{m['eq'].strip()}: `{m['code']}` is at line {actual_line(m)} " \
                                                  f"of {m['path']} (README says {m['line']}; python {__file__} --fix)"
+
+
+def test_the_layout_names_every_module_and_benchmark():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("Layout: "):text.index("CI entry")]
+    files = [*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "src" / "carlrar").rglob("*.py")]
+    missing = [str(f.relative_to(ROOT)) for f in files if f.name != "__init__.py" and f.name not in layout]
+    assert not missing, f"README's layout paragraph does not name {missing}"
 
 
 def fix():
