@@ -105,12 +105,12 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
     foreign = [n for n in names if not any(hasattr(c, n) for c in configs)]
     if foreign:
         raise UserError(f"--method {configs[0].method} has no option {', '.join(foreign)} to search")
+    if objective not in ("clean", "robust") or not objective_eps > 0:
+        raise UserError(f"objective {objective!r} at ε {objective_eps}: expected clean or robust, and ε > 0")
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = make_study(study_dir, sampler, names, seed)
-    if objective not in ("clean", "robust") or not objective_eps > 0:
-        raise UserError(f"objective {objective!r} at ε {objective_eps}: expected clean or robust, and ε > 0")
     goal = objective if objective == "clean" else f"robust@{objective_eps:g}"
     previous = study.user_attrs.get("objective", "clean" if study.trials else goal)  # older studies: clean
     if previous != goal:
