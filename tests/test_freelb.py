@@ -175,3 +175,30 @@ def test_attack_raises_the_loss_of_every_example(trained_tiny):
     assert (after > before).all(), (before, after)
     assert (delta.flatten(1).norm(dim=1) <= 0.1 + 1e-6).all()
     assert delta[mask == 0].abs().sum() == 0
+
+
+def test_logit_margin_by_hand():
+    from carlrar.attack import logit_margin
+
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, -1.0], [1.0, 1.5, 4.0]])
+    assert logit_margin(logits, torch.tensor([0, 0, 2])).tolist() == [1.0, -3.0, 2.5]
+
+
+def test_attack_margins_agree_with_predictions_and_with_each_other(trained_tiny):
+    model, tok, data = trained_tiny
+    zero = attack_split(model, data, tok.pad_token_id, [0.5], steps=0, progress=False)
+    assert zero["attacks"][0]["mean_margin_drop"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["attacks"][0]["margin_drop_per_distance"] is None  # R did not move: no slope to report
+    result = attack_split(model, data, tok.pad_token_id, [0.5, 2.0], steps=10, progress=False, per_example=True)
+    ex = result["per_example"]
+    correct = torch.tensor(ex["clean_correct"]).bool()
+    clean = torch.tensor(ex["margin"])
+    assert ((clean > 0) == correct).all()  # the margin is positive exactly on the correctly classified examples
+    assert result["mean_margin"] == pytest.approx(clean[correct].mean().item(), abs=1e-3)
+    for row, per in zip(result["attacks"], ex["attacks"]):
+        adv = torch.tensor(per["margin"])
+        assert ((adv > 0) == torch.tensor(per["correct"]).bool()).all()
+        drop = (clean - adv)[correct].mean().item()
+        assert row["mean_margin_drop"] == pytest.approx(drop, abs=1e-3) and drop > 0  # the attack ascends the loss
+        assert row["margin_drop_per_distance"] > 0
+    assert result["attacks"][1]["mean_margin_drop"] > result["attacks"][0]["mean_margin_drop"]  # larger ball

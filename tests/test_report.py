@@ -120,6 +120,33 @@ def test_diagnostics_section_median_over_seeds_of_the_window_means():
 
 
 
+def with_margins(run, margin, drops):
+    """``run`` with the margin fields ``attack_split`` records: clean margin, and per ε a drop (Euclid is 10 ε)."""
+    run["attack"]["mean_margin"] = margin
+    for a in run["attack"]["attacks"]:
+        a.update(mean_margin_drop=drops[a["eps"]], margin_drop_per_distance=drops[a["eps"]] / a["mean_euclid"])
+    return run
+
+
+def test_margin_section_by_hand_and_absent_for_runs_attacked_before_margins():
+    from carlrar.report import margin_section
+
+    runs = [with_margins(make_run("freelb", 0), 3.0, {0.02: 0.1, 0.075: 0.6, 0.1: 1.0}),
+            with_margins(make_run("carl", 0), 2.5, {0.02: 0.1, 0.075: 0.3, 0.1: 0.5}),
+            with_margins(make_run("carl", 1), 3.5, {0.02: 0.1, 0.075: 0.9, 0.1: 1.5}), make_run("rar", 0)]
+    lines = margin_section(grid(runs), "toy")
+    assert lines[1] == "## Margins (toy): why R turning less need not mean fewer flips"
+    assert lines[5] == ("| method | clean margin | α=0.1 ‖R − R^adv‖ | α=0.1 margin drop | α=0.1 drop / ‖R − R^adv‖ | "
+                        "α=0.075 ‖R − R^adv‖ | α=0.075 margin drop | α=0.075 drop / ‖R − R^adv‖ |")
+    # CARL: margins 2.5, 3.5 → 3.000 ± 0.707; drops at 0.1: 0.5, 1.5 → 1.000 ± 0.707, per ‖ΔR‖ = 1: 1.000 ± 0.707;
+    # at 0.075: 0.3, 0.9 → 0.600 ± 0.424, per ‖ΔR‖ = 0.75: 0.800 ± 0.566
+    assert row(lines, "CARL") == ("| CARL | 3.000 ± 0.707 | 1.000 ± 0.000 | 1.000 ± 0.707 | 1.000 ± 0.707 | "
+                                  "0.750 ± 0.000 | 0.600 ± 0.424 | 0.800 ± 0.566 |")
+    assert row(lines, "FreeLB").startswith("| FreeLB | 3.000 [1] | 1.000 [1] | 1.000 [1] | 1.000 [1] |")
+    assert not any(line.startswith("| RAR") for line in lines)  # attacked before margins were recorded
+    assert margin_section(grid([make_run("freelb", 0)]), "toy") == []
+
+
 def test_report_without_diagnostics_has_no_such_section_or_figure(monkeypatch):
     monkeypatch.setattr(carlrar.report, "albert_parameter_counts", lambda: {"base": 11, "rar": 12})
     text = tables({"protocol": {"seeds": [0]}, "runs": {}}, [make_run("freelb", 0), make_run("carl", 0)])

@@ -3,6 +3,10 @@
 - Table 5: accuracy under attack for each ε (and the attack success rate on examples that were correct).
 - Table 4: mean cosine similarity and Euclidean distance between R and R^adv (R = final [CLS] state) after k-PGD
   steps of size α with no projection, for each α (paper: 0.1 and 0.075).
+- Margins (ours, beyond the paper): on the examples classified correctly, the clean logit margin (true label's logit
+  minus the best other), how much the attack takes off it, and that drop per unit of ‖R − R^adv‖. An example flips
+  when the drop exceeds its margin, so these say why R turning less (Table 4) need not mean fewer flips (Table 5):
+  a method can shrink ‖R − R^adv‖ while the head reads what is left more steeply.
 The attack uses the same perturbation engine as training (``carlrar.perturb``). ``AttackConfig`` is its one set of
 knobs: the flags of ``carlrar attack`` / ``carlrar generate`` and the ``attack:`` section of a reproduce protocol.
 """
@@ -19,7 +23,6 @@ from tqdm.auto import tqdm
 
 from carlrar.config import Limits, check, config_field, from_mapping
 from carlrar.data import Collator, EncodedSplit, eval_batches
-from carlrar.errors import UserError
 from carlrar.perturb import ascent_step, init_delta, project
 
 
@@ -85,6 +88,8 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
     runs = [("eps", e, step_size if step_size else e / 4, e) for e in eps] + \
            [("alpha", a, a, 0.0) for a in distance_alphas]
     clean_pred = torch.empty(n, dtype=torch.long)
+    clean_margin = torch.empty(n)
+    margins = {i: torch.empty(n) for i in range(len(runs))}
     preds = {i: torch.empty(n, dtype=torch.long) for i in range(len(runs))}
     cos = {i: torch.empty(n) for i in range(len(runs))}
     dist = {i: torch.empty(n) for i in range(len(runs))}
@@ -98,11 +103,13 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
         with torch.no_grad():
             clean = model(ids, mask)
         clean_pred[where] = clean.logits.argmax(-1).cpu()
+        clean_margin[where] = logit_margin(clean.logits, y).cpu()
         for r, (_, _, alpha, bound) in enumerate(runs):
             delta = pgd_attack(model, ids, mask, y, bound, steps, alpha, norm, init_mag, generator)
             with torch.no_grad():
                 adv = model(ids, mask, delta=delta)
             preds[r][where] = adv.logits.argmax(-1).cpu()
+            margins[r][where] = logit_margin(adv.logits, y).cpu()
             cos[r][where] = F.cosine_similarity(clean.R, adv.R, dim=-1).cpu()
             dist[r][where] = (clean.R - adv.R).norm(dim=-1).cpu()
             bar.update(1)
@@ -111,9 +118,10 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
 
     correct = clean_pred == labels
     result = {"n": n, "clean_accuracy": correct.float().mean().item(), "steps": steps, "norm": norm,
-              "init_mag": init_mag, "attacks": [], "distances": []}
+              "init_mag": init_mag, "mean_margin": _mean(clean_margin[correct]), "attacks": [], "distances": []}
     for r, (kind, value, alpha, bound) in enumerate(runs):
-        row = {"step_size": alpha, "mean_cos": cos[r].mean().item(), "mean_euclid": dist[r].mean().item()}
+        row = {"step_size": alpha, "mean_cos": cos[r].mean().item(), "mean_euclid": dist[r].mean().item(),
+               **margin_drop(clean_margin[correct], margins[r][correct], dist[r][correct])}
         if kind == "eps":
             still = preds[r] == labels
             flipped = (correct & ~still).sum().item()
@@ -125,12 +133,34 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
     if per_example:
         result["per_example"] = {
             "clean_correct": correct.int().tolist(),
+            "margin": [round(x, 4) for x in clean_margin.tolist()],
             "attacks": [{"eps": v, "correct": (preds[r] == labels).int().tolist(),
-                         "cos": [round(x, 5) for x in cos[r].tolist()]} for r, (k, v, _, _) in enumerate(runs)
+                         "cos": [round(x, 5) for x in cos[r].tolist()],
+                         "margin": [round(x, 4) for x in margins[r].tolist()]} for r, (k, v, _, _) in enumerate(runs)
                         if k == "eps"],
             "distances": [{"alpha": v, "cos": [round(x, 5) for x in cos[r].tolist()]}
                           for r, (k, v, _, _) in enumerate(runs) if k == "alpha"]}
     return result
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example, the true label's logit minus the largest other logit: > 0 exactly when classified correctly
+    (ties aside)."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return true - others.max(-1).values
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    return x.mean().item() if len(x) else None
+
+
+def margin_drop(clean: torch.Tensor, adv: torch.Tensor, distance: torch.Tensor) -> dict:
+    """On the clean-correct examples: the mean margin the attack takes off, and that drop per unit of ‖R − R^adv‖
+    (a ratio of means: the head's slope along the attack, averaged over examples the way the table's mean_euclid
+    is)."""
+    drop, dist = _mean(clean - adv), _mean(distance)
+    return {"mean_margin_drop": drop, "margin_drop_per_distance": drop / dist if drop is not None and dist else None}
 
 
 def run_attack(model, encoded: EncodedSplit, pad_token_id: int, config: AttackConfig, batch_size: int = 64,
@@ -144,13 +174,19 @@ def print_attack(result: dict, title: str):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{title} · clean accuracy {result['clean_accuracy']:.4f} · {result['steps']}-PGD "
-                        f"({result['norm']}) on {result['n']} examples")
-    for col in ("ε", "step size", "accuracy under attack", "success rate", "cos(R, R^adv)", "‖R − R^adv‖"):
+    margin = result.get("mean_margin")
+    table = Table(title=f"{title} · clean accuracy {result['clean_accuracy']:.4f}"
+                        + (f" · mean margin {margin:.3f}" if margin is not None else "")
+                        + f" · {result['steps']}-PGD ({result['norm']}) on {result['n']} examples")
+    for col in ("ε", "step size", "accuracy under attack", "success rate", "cos(R, R^adv)", "‖R − R^adv‖",
+                "margin drop", "drop / ‖R − R^adv‖"):
         table.add_column(col, justify="right")
+    num = lambda x, digits=4: "–" if x is None else f"{x:.{digits}f}"  # noqa: E731
     for a in result["attacks"]:
         table.add_row(f"{a['eps']:g}", f"{a['step_size']:g}", f"{a['accuracy']:.4f}", f"{a['success_rate']:.4f}",
-                      f"{a['mean_cos']:.4f}", f"{a['mean_euclid']:.4f}")
+                      f"{a['mean_cos']:.4f}", f"{a['mean_euclid']:.4f}", num(a.get("mean_margin_drop"), 3),
+                      num(a.get("margin_drop_per_distance"), 3))
     for d in result["distances"]:
-        table.add_row("∞", f"{d['alpha']:g}", "", "", f"{d['mean_cos']:.4f}", f"{d['mean_euclid']:.4f}")
+        table.add_row("∞", f"{d['alpha']:g}", "", "", f"{d['mean_cos']:.4f}", f"{d['mean_euclid']:.4f}",
+                      num(d.get("mean_margin_drop"), 3), num(d.get("margin_drop_per_distance"), 3))
     Console().print(table)

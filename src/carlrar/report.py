@@ -11,7 +11,8 @@ Writes RESULTS/report.md and RESULTS/*.png:
   resampled with replacement (the same for both methods), and each method's seeds. When a protocol attacked a
   seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
 - Diagnostics (``report_diagnostics``): ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in
-  the first 50 steps after the auxiliary term starts. Figures: ``report_plots``.
+  the first 50 steps after the auxiliary term starts; Margins: the clean logit margin and the drop per unit of
+  ‖R − R^adv‖, which say why Table 4 need not become Table 5. Figures: ``report_plots``.
 
 ``carlrar compare RUN...`` (``carlrar.compare``) is the small version for plain ``carlrar train`` output directories.
 """
@@ -28,7 +29,7 @@ import numpy as np
 
 from carlrar.errors import UserError
 from carlrar.ownership import write_whole
-from carlrar.report_diagnostics import aux_start, diagnostics_section  # noqa: F401 (aux_start re-exported)
+from carlrar.report_diagnostics import aux_start, diagnostics_section, margin_section  # noqa: F401 (aux_start re-exported)
 
 ORDER = ["base", "fgm", "pgd", "freelb", "carl", "rar", "carl-rar"]
 NAMES = {"base": "Fine-tune", "freelb": "FreeLB", "carl": "CARL", "rar": "RAR", "carl-rar": "CARL+RAR",
@@ -334,7 +335,7 @@ def tables(index: dict, runs: list[dict]) -> str:
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
-        lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d),
+        lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
                   *bootstrap_tables(grid, d), *family_tables(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "

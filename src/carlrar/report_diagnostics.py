@@ -69,3 +69,29 @@ def diagnostics_section(grid, d: str) -> list[str]:
             f"{DIAGNOSTIC_WINDOW}) (start: a branch's step, CARL's start step, else 0); then over seeds as marked. "
             "Clip factor: the fraction of the step's gradient kept by clipping.", "",
             *md_table(["method", "seeds", "start step", *(h for h, *_ in DIAGNOSTICS)], rows)]
+
+
+def margin_section(grid, d: str) -> list[str]:
+    """Why R turning less (Table 4) need not mean fewer flips (Table 5): on the clean-correct dev examples, the
+    clean logit margin, and per Table 4 radius ‖R − R^adv‖, the margin the attack takes off and that drop per unit
+    of ‖R − R^adv‖ (``attack.margin_drop``). Runs attacked before margins were recorded are left out."""
+    from carlrar.report import NAMES, find, md_table, table4_alphas
+
+    runs = [r for m in grid.methods for r in grid.runs(d, m) if r["attack"].get("mean_margin") is not None]
+    if not runs:
+        return []
+    alphas = table4_alphas(grid.attack(d))
+    row = lambda r, a, k: find(r["attack"]["attacks"], "eps", a).get(k)  # noqa: E731
+    columns = [(lambda r: r["attack"].get("mean_margin"), None)] + [
+        (lambda r, a=a, k=k: row(r, a, k), a) for a in alphas
+        for k in ("mean_euclid", "mean_margin_drop", "margin_drop_per_distance")]
+    rows = [[NAMES.get(m, m), *(grid.cell(d, m, get, 1.0, 3) for get, _ in columns)]
+            for m in grid.methods if any(r["attack"].get("mean_margin") is not None for r in grid.runs(d, m))]
+    header = ["method", "clean margin", *(f"α={a:g} {what}" for a in alphas
+                                          for what in ("‖R − R^adv‖", "margin drop", "drop / ‖R − R^adv‖"))]
+    return ["", f"## Margins ({d}): why R turning less need not mean fewer flips", "",
+            "On the dev examples each run classifies correctly: the mean clean logit margin (true label's logit minus "
+            "the best other) and, after the attack at ε = α, the mean margin it takes off and that drop per unit of "
+            "‖R − R^adv‖ (‖R − R^adv‖ itself over all examples, as in Table 4). An example flips when the drop "
+            "exceeds its margin: a smaller ‖R − R^adv‖ protects only if the head does not read it more steeply.", "",
+            *md_table(header, rows)]
