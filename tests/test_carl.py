@@ -295,3 +295,48 @@ def test_best_dev_model_is_never_from_before_the_carl_start(tiny_model_dir, toy_
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4, 6]
     assert final["best_step"] == 6 and final["dev"]["accuracy"] == evals[-1]["dev_accuracy"]
+
+
+def test_head_input_is_what_the_logits_layer_reads(tiny_model_dir):
+    import copy
+
+    from carlrar.models import load_classifier
+
+    model = load_classifier(str(tiny_model_dir), ["neg", "pos"]).eval()
+    ids, mask = torch.tensor([[101, 2204, 2143, 102], [101, 9643, 102, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert model(ids, mask).head_input is None  # only read once asked for
+    assert model.read_head_input() == 32
+    out = model(ids, mask)
+    pooled = torch.tanh(model.hf.bert.pooler.dense(out.R))  # BERT's pooler on the final [CLS] state, by hand
+    assert torch.allclose(out.head_input, pooled, atol=1e-6)
+    assert torch.allclose(out.logits, model.hf.classifier(pooled), atol=1e-6)
+    twin = copy.deepcopy(model)  # the hook travels with a copy and reads the copy's own layer
+    twin.hf.bert.pooler.dense.bias.data += 1.0
+    assert not torch.allclose(twin(ids, mask).head_input, out.head_input)
+    assert torch.equal(model(ids, mask).head_input, out.head_input)
+
+
+def test_carl_on_the_head_input_fills_and_trains_on_it(tiny_model_dir, toy_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    from carlrar.data import Collator, EncodedSplit, load_files
+    from carlrar.models import load_classifier
+
+    ds = load_files(str(toy_files["train"]), str(toy_files["dev"]), text_column="sentence")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = EncodedSplit(ds.splits["train"], tok, 32)
+    model = load_classifier(str(tiny_model_dir), ds.label_names)
+    knobs = ContrastiveConfig(carl_start_step=3, carl_negatives=16, carl_representation="head_input")
+    carl = ContrastiveTerm(knobs, AdversarialConfig(), model, train_labels=data.labels, total_steps=10)
+    assert carl.before_step(3, model, data, Collator(tok.pad_token_id), 16)
+    b = Collator(tok.pad_token_id)([data[i] for i in range(4)])
+    with torch.no_grad():
+        R = model.eval()(b["input_ids"], b["attention_mask"]).R
+    expected = F.normalize(torch.tanh(model.hf.bert.pooler.dense(R)), dim=1)  # not R itself
+    assert torch.allclose(carl.bank_orig.rows[b["index"]], expected, atol=1e-5)
+    assert not torch.allclose(carl.bank_orig.rows[b["index"]], F.normalize(R, dim=1), atol=1e-2)
+    out = tmp_path / "head"
+    train(carl_config(tiny_model_dir, toy_files, out, max_steps=4, eval_steps=2), AdversarialConfig(),
+          ContrastiveConfig(carl_start_step=1, carl_negatives=8, carl_representation="head_input"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(math.isfinite(x.get("train_loss_D", math.nan)) for x in logged)

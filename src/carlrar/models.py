@@ -49,6 +49,18 @@ class ClassifierOutput:
     logits: torch.Tensor  # batch × labels
     R: torch.Tensor  # batch × hidden: final hidden state of [CLS], the paper's sentence representation
     token_states: torch.Tensor  # batch × len × hidden: final hidden states (RAR reconstructs from these)
+    # what the logits' linear layer reads (BERT / ALBERT: dropout(tanh(pooler(R)))); only after read_head_input()
+    head_input: torch.Tensor | None = None
+
+
+def classification_layer(hf: nn.Module) -> nn.Linear:
+    """The linear layer that outputs the logits: the last ``nn.Linear`` with ``num_labels`` outputs (BERT, ALBERT:
+    ``classifier``; RoBERTa: ``classifier.out_proj``)."""
+    layers = [m for m in hf.modules() if isinstance(m, nn.Linear) and m.out_features == hf.config.num_labels]
+    if not layers:
+        raise UserError(f"{type(hf).__name__}: no linear layer with {hf.config.num_labels} outputs computes the "
+                        "logits, so its input cannot be read (use carl_representation cls)")
+    return layers[-1]
 
 
 class Classifier(nn.Module):
@@ -58,6 +70,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.heads = nn.ModuleDict()  # method heads (RAR's reconstructor), saved beside the HF files
+        self.head_layer = ""  # set by read_head_input: the name of the layer whose input forward returns
 
     @property
     def config(self):
@@ -77,9 +90,23 @@ class Classifier(nn.Module):
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if delta is not None:
             embeds = embeds + delta
-        out = self.hf(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+        read = []  # a hook for this call only: nothing outlives the forward (copies, stray calls of the layer)
+        hook = self.hf.get_submodule(self.head_layer).register_forward_pre_hook(
+            lambda _, args: read.append(args[0])) if self.head_layer else None
+        try:
+            out = self.hf(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+        finally:
+            if hook:
+                hook.remove()
         states = out.hidden_states[-1]
-        return ClassifierOutput(out.logits, states[:, 0], states)
+        return ClassifierOutput(out.logits, states[:, 0], states, read[-1] if read else None)
+
+    def read_head_input(self) -> int:
+        """From now on each forward also returns ``head_input``, the input of the layer that computes the logits
+        (found by ``classification_layer``); returns its width."""
+        layer = classification_layer(self.hf)
+        self.head_layer = next(name for name, m in self.hf.named_modules() if m is layer)
+        return layer.in_features
 
     @property
     def device(self) -> torch.device:

@@ -213,6 +213,9 @@ class ContrastiveConfig:
     bank_dtype: str = _f("float32", "memory bank storage: float32 or float16 (2·N·d·bytes in all)",
                          choices=["float32", "float16"])
     carl_proj_dim: int = _f(0, "project R to this size with a linear head before normalising (0: none, as the paper)")
+    carl_representation: str = _f("cls", "what L_D contrasts: cls, R = the final [CLS] state (the paper); "
+                                         "head_input, what the logits' linear layer reads (BERT, ALBERT: the "
+                                         "pooler's tanh output)", choices=["cls", "head_input"])
     # beyond the paper (defaults keep the paper's behaviour)
     carl_weight_ratio: float = _f(0.0, "> 0: w = min(carl_weight, ratio · ‖∇L_C‖ / ‖∇L_D‖), measured on the "
                                        "start step and every --carl_balance_steps after (0: fixed carl_weight)")
@@ -263,6 +266,8 @@ class ContrastiveTerm(ObjectiveTerm):
                           f"{'L_D starts before any FreeLB step' if self.start_step <= 0 else 'L_D never applies'}",
                           stacklevel=2)
         device, n, dim = model.device, len(train_labels), model.config.hidden_size
+        if config.carl_representation == "head_input":  # ours: the margin diagnostic's cause (README)
+            dim = model.read_head_input()
         if config.carl_proj_dim > 0:  # a model head, so the optimiser, checkpoints and saving all see it
             model.heads["carl_projection"] = Projection(dim, config.carl_proj_dim).to(device)
             dim = config.carl_proj_dim
@@ -290,9 +295,9 @@ class ContrastiveTerm(ObjectiveTerm):
     def extra_passes(self) -> int:
         return 1 if self.filled else 0  # the clean pass that gives R
 
-    @staticmethod
-    def represent(model, R: torch.Tensor) -> torch.Tensor:
-        """R (or its projection) on the unit sphere, where the banks and h(x, y) live."""
+    def represent(self, model, out) -> torch.Tensor:
+        """R (or the head's input; or either's projection) on the unit sphere, where the banks and h(x, y) live."""
+        R = out.head_input if self.config.carl_representation == "head_input" else out.R
         heads = model.heads
         return F.normalize(heads["carl_projection"](R) if "carl_projection" in heads else R, dim=1)
 
@@ -324,12 +329,12 @@ class ContrastiveTerm(ObjectiveTerm):
             b = {k: v.to(device) for k, v in collate([data[i] for i in idx]).items()}
             ids, mask = b["input_ids"], b["attention_mask"]
             with torch.no_grad():
-                R = model(ids, mask).R
+                clean = model(ids, mask)
             delta = pgd_attack(model, ids, mask, b["labels"], c.adv_max_norm, c.adv_steps - 1, c.adv_lr, c.adv_norm,
                                c.adv_init_mag)
             with torch.no_grad():
-                R_adv = model(ids, mask, delta=delta).R
-                rows.append((b["index"], self.represent(model, R), self.represent(model, R_adv)))
+                adv = model(ids, mask, delta=delta)
+                rows.append((b["index"], self.represent(model, clean), self.represent(model, adv)))
         if rows:
             return [torch.cat(p) for p in zip(*rows)]
         dim = self.bank_orig.rows.shape[1]
@@ -346,8 +351,8 @@ class ContrastiveTerm(ObjectiveTerm):
         if not self.filled or t < n - 1:
             return NOTHING
         with replay.same_masks():
-            R = self.represent(model, model(batch["input_ids"], batch["attention_mask"]).R)  # original input
-        R_adv = self.represent(model, out.R)
+            R = self.represent(model, model(batch["input_ids"], batch["attention_mask"]))  # original input
+        R_adv = self.represent(model, out)
         index = batch["index"]
         # drawn for the global batch in its order and sliced: as one process would draw them
         (labels,), (order, mine) = gather_rows(batch["labels"]), global_batch_order(len(index))
