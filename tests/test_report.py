@@ -147,6 +147,15 @@ def test_margin_section_by_hand_and_absent_for_runs_attacked_before_margins():
     assert margin_section(grid([make_run("freelb", 0)]), "toy") == []
 
 
+def test_seed_count_is_every_planned_seed_not_only_the_last_commands(monkeypatch):
+    monkeypatch.setattr(carlrar.report, "albert_parameter_counts", lambda: {"base": 11, "rar": 12})
+    runs = [make_run("freelb", s) for s in (0, 1, 2)] + [make_run("carl", 0)]
+    index = {"protocol": {"seeds": [2]}, "runs": {r["name"]: {"seed": r["seed"], "status": "done"} for r in runs}}
+    text = tables(index, runs)  # the last command ran --seeds 2, alone; seeds 0 and 1 came before
+    assert "fewer than the grid's 3" in text
+    assert row(text.splitlines(), "CARL").startswith("| CARL | 80.00 [1] |")
+
+
 def test_report_without_diagnostics_has_no_such_section_or_figure(monkeypatch):
     monkeypatch.setattr(carlrar.report, "albert_parameter_counts", lambda: {"base": 11, "rar": 12})
     text = tables({"protocol": {"seeds": [0]}, "runs": {}}, [make_run("freelb", 0), make_run("carl", 0)])

@@ -329,7 +329,9 @@ def albert_parameter_counts() -> dict[str, int]:
 
 def tables(index: dict, runs: list[dict]) -> str:
     """report.md's text: header, Table 2, per dataset Tables 4, 4b, 5, the bootstraps and diagnostics, Table 7."""
-    grid = Grid(grouped(runs), len(index["protocol"]["seeds"]))
+    # the seeds of every run the index has planned, not only the last command's: a grid run in pieces (--seeds 2,)
+    seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
+    grid = Grid(grouped(runs), len(seeds))
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
     lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
