@@ -77,16 +77,14 @@ def margin_section(grid, d: str) -> list[str]:
     of ‖R − R^adv‖ (``attack.margin_drop``). Runs attacked before margins were recorded are left out."""
     from carlrar.report import NAMES, find, md_table, table4_alphas
 
-    runs = [r for m in grid.methods for r in grid.runs(d, m) if r["attack"].get("mean_margin") is not None]
-    if not runs:
+    methods = [m for m in grid.methods if any(r["attack"].get("mean_margin") is not None for r in grid.runs(d, m))]
+    if not methods:
         return []
     alphas = table4_alphas(grid.attack(d))
-    row = lambda r, a, k: find(r["attack"]["attacks"], "eps", a).get(k)  # noqa: E731
-    columns = [(lambda r: r["attack"].get("mean_margin"), None)] + [
-        (lambda r, a=a, k=k: row(r, a, k), a) for a in alphas
+    columns = [lambda r: r["attack"].get("mean_margin")] + [
+        lambda r, a=a, k=k: find(r["attack"]["attacks"], "eps", a).get(k) for a in alphas
         for k in ("mean_euclid", "mean_margin_drop", "margin_drop_per_distance")]
-    rows = [[NAMES.get(m, m), *(grid.cell(d, m, get, 1.0, 3) for get, _ in columns)]
-            for m in grid.methods if any(r["attack"].get("mean_margin") is not None for r in grid.runs(d, m))]
+    rows = [[NAMES.get(m, m), *(grid.cell(d, m, get, 1.0, 3) for get in columns)] for m in methods]
     header = ["method", "clean margin", *(f"α={a:g} {what}" for a in alphas
                                           for what in ("‖R − R^adv‖", "margin drop", "drop / ‖R − R^adv‖"))]
     return ["", f"## Margins ({d}): why R turning less need not mean fewer flips", "",
