@@ -53,10 +53,11 @@ class ClassifierOutput:
     head_input: torch.Tensor | None = None
 
 
-def classification_layer(hf: nn.Module) -> nn.Linear:
-    """The linear layer that outputs the logits: the last ``nn.Linear`` with ``num_labels`` outputs (BERT, ALBERT:
-    ``classifier``; RoBERTa: ``classifier.out_proj``)."""
-    layers = [m for m in hf.modules() if isinstance(m, nn.Linear) and m.out_features == hf.config.num_labels]
+def classification_layer(hf: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the linear layer that outputs the logits: the last ``nn.Linear`` with ``num_labels``
+    outputs (BERT, ALBERT: ``classifier``; RoBERTa: ``classifier.out_proj``)."""
+    layers = [(name, m) for name, m in hf.named_modules()
+              if isinstance(m, nn.Linear) and m.out_features == hf.config.num_labels]
     if not layers:
         raise UserError(f"{type(hf).__name__}: no linear layer with {hf.config.num_labels} outputs computes the "
                         "logits, so its input cannot be read (use carl_representation cls)")
@@ -104,8 +105,7 @@ class Classifier(nn.Module):
     def read_head_input(self) -> int:
         """From now on each forward also returns ``head_input``, the input of the layer that computes the logits
         (found by ``classification_layer``); returns its width."""
-        layer = classification_layer(self.hf)
-        self.head_layer = next(name for name, m in self.hf.named_modules() if m is layer)
+        self.head_layer, layer = classification_layer(self.hf)
         return layer.in_features
 
     @property
