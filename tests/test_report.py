@@ -133,16 +133,21 @@ def test_margin_section_by_hand_and_absent_for_runs_attacked_before_margins():
 
     runs = [with_margins(make_run("freelb", 0), 3.0, {0.02: 0.1, 0.075: 0.6, 0.1: 1.0}),
             with_margins(make_run("carl", 0), 2.5, {0.02: 0.1, 0.075: 0.3, 0.1: 0.5}),
-            with_margins(make_run("carl", 1), 3.5, {0.02: 0.1, 0.075: 0.9, 0.1: 1.5}), make_run("rar", 0)]
-    lines = margin_section(grid(runs), "toy")
+            with_margins(make_run("carl", 1), 3.5, {0.02: 0.1, 0.075: 0.9, 0.1: 1.5}), make_run("rar", 0),
+            make_run("carl", 2)]  # attacked before margins were recorded: left out of CARL's cells
+    lines = margin_section(grid(runs, n_seeds=3), "toy")
     assert lines[1] == "## Margins (toy): why R turning less need not mean fewer flips"
     assert lines[5] == ("| method | clean margin | α=0.1 ‖R − R^adv‖ | α=0.1 margin drop | α=0.1 drop / ‖R − R^adv‖ | "
-                        "α=0.075 ‖R − R^adv‖ | α=0.075 margin drop | α=0.075 drop / ‖R − R^adv‖ |")
-    # CARL: margins 2.5, 3.5 → 3.000 ± 0.707; drops at 0.1: 0.5, 1.5 → 1.000 ± 0.707, per ‖ΔR‖ = 1: 1.000 ± 0.707;
-    # at 0.075: 0.3, 0.9 → 0.600 ± 0.424, per ‖ΔR‖ = 0.75: 0.800 ± 0.566
-    assert row(lines, "CARL") == ("| CARL | 3.000 ± 0.707 | 1.000 ± 0.000 | 1.000 ± 0.707 | 1.000 ± 0.707 | "
-                                  "0.750 ± 0.000 | 0.600 ± 0.424 | 0.800 ± 0.566 |")
-    assert row(lines, "FreeLB").startswith("| FreeLB | 3.000 [1] | 1.000 [1] | 1.000 [1] | 1.000 [1] |")
+                        "α=0.1 drop / clean margin | α=0.075 ‖R − R^adv‖ | α=0.075 margin drop | "
+                        "α=0.075 drop / ‖R − R^adv‖ | α=0.075 drop / clean margin |")
+    # CARL: margins 2.5, 3.5 → 3.000 ± 0.707; drops at 0.1: 0.5, 1.5 → 1.000 ± 0.707, per ‖ΔR‖ = 1: 1.000 ± 0.707,
+    # per margin 0.2, 3/7 → 0.314 ± 0.162; at 0.075: 0.3, 0.9 → 0.600 ± 0.424, per ‖ΔR‖ = 0.75: 0.800 ± 0.566,
+    # per margin 0.12, 9/35 → 0.189 ± 0.097
+    # (‖ΔR‖ is over all three seeds, as in Table 4; the margin cells over the two that recorded margins)
+    assert row(lines, "CARL") == ("| CARL | 3.000 ± 0.707 [2] | 1.000 ± 0.000 | 1.000 ± 0.707 [2] | 1.000 ± 0.707 [2] | "
+                                  "0.314 ± 0.162 [2] | 0.750 ± 0.000 | 0.600 ± 0.424 [2] | 0.800 ± 0.566 [2] | "
+                                  "0.189 ± 0.097 [2] |")
+    assert row(lines, "FreeLB").startswith("| FreeLB | 3.000 [1] | 1.000 [1] | 1.000 [1] | 1.000 [1] | 0.333 [1] |")
     assert not any(line.startswith("| RAR") for line in lines)  # attacked before margins were recorded
     assert margin_section(grid([make_run("freelb", 0)]), "toy") == []
 

@@ -81,15 +81,25 @@ def margin_section(grid, d: str) -> list[str]:
     if not methods:
         return []
     alphas = table4_alphas(grid.attack(d))
+    def at(a, k):
+        return lambda r: find(r["attack"]["attacks"], "eps", a).get(k)
+
+    def relative_drop(a):  # per run, then averaged over seeds: the share of its margin an example loses
+        def get(r):
+            drop, margin = at(a, "mean_margin_drop")(r), r["attack"].get("mean_margin")
+            return None if drop is None or not margin else drop / margin
+        return get
+
     columns = [lambda r: r["attack"].get("mean_margin")] + [
-        lambda r, a=a, k=k: find(r["attack"]["attacks"], "eps", a).get(k) for a in alphas
-        for k in ("mean_euclid", "mean_margin_drop", "margin_drop_per_distance")]
+        get for a in alphas for get in (at(a, "mean_euclid"), at(a, "mean_margin_drop"),
+                                        at(a, "margin_drop_per_distance"), relative_drop(a))]
     rows = [[NAMES.get(m, m), *(grid.cell(d, m, get, 1.0, 3) for get in columns)] for m in methods]
-    header = ["method", "clean margin", *(f"α={a:g} {what}" for a in alphas
-                                          for what in ("‖R − R^adv‖", "margin drop", "drop / ‖R − R^adv‖"))]
+    header = ["method", "clean margin", *(f"α={a:g} {what}" for a in alphas for what in (
+        "‖R − R^adv‖", "margin drop", "drop / ‖R − R^adv‖", "drop / clean margin"))]
     return ["", f"## Margins ({d}): why R turning less need not mean fewer flips", "",
             "On the dev examples each run classifies correctly: the mean clean logit margin (true label's logit minus "
             "the best other) and, after the attack at ε = α, the mean margin it takes off and that drop per unit of "
             "‖R − R^adv‖ (‖R − R^adv‖ itself over all examples, as in Table 4). An example flips when the drop "
-            "exceeds its margin: a smaller ‖R − R^adv‖ protects only if the head does not read it more steeply.", "",
+            "exceeds its margin: a smaller ‖R − R^adv‖ protects only if the head does not read it more steeply, and a "
+            "smaller drop only if the clean margin does not shrink with it (drop / clean margin, per run).", "",
             *md_table(header, rows)]
