@@ -74,13 +74,15 @@ def diagnostics_section(grid, d: str) -> list[str]:
 def margin_section(grid, d: str) -> list[str]:
     """Why R turning less (Table 4) need not mean fewer flips (Table 5): on the clean-correct dev examples, the
     clean logit margin, and per Table 4 radius ‖R − R^adv‖, the margin the attack takes off and that drop per unit
-    of ‖R − R^adv‖ (``attack.margin_drop``). Runs attacked before margins were recorded are left out."""
+    of ‖R − R^adv‖ (``attack.margin_drop``), and the drop as a share of the clean margin. Runs attacked before
+    margins were recorded are left out."""
     from carlrar.report import NAMES, find, md_table, table4_alphas
 
     methods = [m for m in grid.methods if any(r["attack"].get("mean_margin") is not None for r in grid.runs(d, m))]
     if not methods:
         return []
     alphas = table4_alphas(grid.attack(d))
+
     def at(a, k):
         return lambda r: find(r["attack"]["attacks"], "eps", a).get(k)
 
