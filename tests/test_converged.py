@@ -87,23 +87,21 @@ def test_the_converged_protocol_on_agnews_and_sst2(tmp_path):
     assert protocol.attack_for("sst2").config == protocol.attack_for("agnews").config == protocol.attack
 
 
-
 def test_converged_long_differs_from_converged_only_in_the_trunk_length(tmp_path):
     """The longer-trunk check: 1,250 trunk steps (5 epochs of 8,000 at 32), branches 250 more from the trunk's
     checkpoint with L_D from the branch step, and every other setting of each run as in `converged`."""
     short, long = Protocol.load("converged"), Protocol.load("converged-long")
     assert set(long.methods) <= set(short.methods) and long.seeds == short.seeds
     moved = {"max_steps": 500, "carl_start_step": 500}  # every run's steps and L_D's start move by 500
-    for method in ("trunk", *long.methods):
-        before, after = run_configs(short, "sst2", method, 0, tmp_path, {}), run_configs(long, "sst2", method, 0,
-                                                                                            tmp_path, {})
-        assert [type(c) for c in before] == [type(c) for c in after]
-        for a, b in zip(before, after):
+    after = {method: run_configs(long, "sst2", method, 0, tmp_path, {}) for method in ("trunk", *long.methods)}
+    for method, configs in after.items():
+        before = run_configs(short, "sst2", method, 0, tmp_path, {})
+        assert [type(c) for c in before] == [type(c) for c in configs]
+        for a, b in zip(before, configs):
             a, b = dataclasses.asdict(a), dataclasses.asdict(b)
             assert {k: b[k] - a[k] for k in moved if k in a} == {k: v for k, v in moved.items() if k in a}
             assert {k: v for k, v in a.items() if k not in moved} == {k: v for k, v in b.items() if k not in moved}
-    trunk, carl = run_configs(long, "sst2", "trunk", 0, tmp_path, {})[0], run_configs(long, "sst2", "carl", 0,
-                                                                                        tmp_path, {})
+    trunk, carl = after["trunk"][0], after["carl"]
     assert trunk.max_steps * trunk.batch_size == 5 * trunk.train_subset
     assert (carl[0].max_steps, carl[0].init_from, carl[-1].carl_start_step) == (1500, str(tmp_path / "sst2-trunk-s0"),
                                                                                  1250)

@@ -78,23 +78,26 @@ def margin_section(grid, d: str) -> list[str]:
     margins were recorded are left out."""
     from carlrar.report import NAMES, find, md_table, table4_alphas
 
-    methods = [m for m in grid.methods if any(r["attack"].get("mean_margin") is not None for r in grid.runs(d, m))]
-    if not methods:
-        return []
-    alphas = table4_alphas(grid.attack(d))
+    def margin(r):
+        return r["attack"].get("mean_margin")
 
     def at(a, k):
         return lambda r: find(r["attack"]["attacks"], "eps", a).get(k)
 
-    def relative_drop(a):  # per run, then averaged over seeds: the share of its margin an example loses
+    def share_lost(a):  # per run, then averaged over seeds: the share of its clean margin an example loses
+        drop = at(a, "mean_margin_drop")
+
         def get(r):
-            drop, margin = at(a, "mean_margin_drop")(r), r["attack"].get("mean_margin")
-            return None if drop is None or not margin else drop / margin
+            lost, had = drop(r), margin(r)
+            return lost / had if lost is not None and had else None
         return get
 
-    columns = [lambda r: r["attack"].get("mean_margin")] + [
-        get for a in alphas for get in (at(a, "mean_euclid"), at(a, "mean_margin_drop"),
-                                        at(a, "margin_drop_per_distance"), relative_drop(a))]
+    methods = [m for m in grid.methods if any(margin(r) is not None for r in grid.runs(d, m))]
+    if not methods:
+        return []
+    alphas = table4_alphas(grid.attack(d))
+    columns = [margin] + [get for a in alphas for get in (at(a, "mean_euclid"), at(a, "mean_margin_drop"),
+                                                          at(a, "margin_drop_per_distance"), share_lost(a))]
     rows = [[NAMES.get(m, m), *(grid.cell(d, m, get, 1.0, 3) for get in columns)] for m in methods]
     header = ["method", "clean margin", *(f"α={a:g} {what}" for a in alphas for what in (
         "‖R − R^adv‖", "margin drop", "drop / ‖R − R^adv‖", "drop / clean margin"))]
