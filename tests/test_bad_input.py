@@ -181,6 +181,20 @@ def test_bad_attack_section_of_a_protocol(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+
+def test_bad_extends_of_a_protocol(capsys, tmp_path):
+    """extends: names another protocol; a missing one, a cycle and a non-name each fail in one line, before any run."""
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    cases = [("extends: nowhere\n", f"{one}: extends: unknown protocol 'nowhere': not a file and not one of "),
+             ("extends: [cpu]\n", f"{one}: extends: expected a protocol name or file, got ['cpu']"),
+             ("extends: two.yaml\n", f"{two}: extends: 'one.yaml' extends it back (a cycle)")]
+    two.write_text("extends: one.yaml\n", encoding="utf-8")
+    for content, expected in cases:
+        one.write_text(content, encoding="utf-8")
+        msg = user_error(capsys, ["reproduce", "--protocol", str(one), "--results", str(tmp_path / "r")])
+        assert msg.startswith(expected), msg
+    assert not (tmp_path / "r").exists()
+
 # 16 --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, expected", [
     (None, "{path}: file not found"),

@@ -105,3 +105,26 @@ def test_converged_long_differs_from_converged_only_in_the_trunk_length(tmp_path
     assert trunk.max_steps * trunk.batch_size == 5 * trunk.train_subset
     assert (carl[0].max_steps, carl[0].init_from, carl[-1].carl_start_step) == (1500, str(tmp_path / "sst2-trunk-s0"),
                                                                                  1250)
+
+
+def test_a_protocol_that_extends_another_sets_only_its_own_keys_on_top(tmp_path):
+    """extends: the other's sections merged key by key (train, attack, variants, trunk, ...), lists replaced; a file
+    extended by relative path is found beside the file that extends it."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"methods": ["freelb", "carl"], "seeds": [0, 1], "train": {"lr": 1e-5, "model": "m"},
+                                    "attack": {"eps": [0.1], "steps": 3}, "trunk": {"method": "freelb", "max_steps": 8},
+                                    "branch_steps": 2, "variants": {"carl-proj": {"method": "carl"}}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": "base.yaml", "methods": ["carl"], "train": {"lr": 3e-5},
+                                     "trunk": {"max_steps": 12}, "variants": {"x": {"method": "base"}}}))
+    elsewhere = tmp_path / "sub"
+    elsewhere.mkdir()
+    grandchild = elsewhere / "grandchild.yaml"
+    grandchild.write_text("extends: ../child.yaml\nseeds: [4]\n")
+    for path, seeds in ((child, [0, 1]), (grandchild, [4])):
+        protocol = Protocol.load(str(path))
+        assert (protocol.methods, protocol.seeds, protocol.branch_steps) == (["carl"], seeds, 2)
+        assert protocol.train == {"lr": 3e-5, "model": "m"}
+        assert protocol.trunk == {"method": "freelb", "max_steps": 12}
+        assert set(protocol.variants) == {"carl-proj", "x"}
+        assert (protocol.attack.eps, protocol.attack.steps, protocol.source) == ([0.1], 3, str(path))

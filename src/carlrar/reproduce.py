@@ -87,13 +87,8 @@ class Protocol:
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
-        path = Path(name_or_path)
-        if not path.is_file():
-            path = PROTOCOLS / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PROTOCOLS.glob("*.yaml")))
-            raise UserError(f"unknown protocol {name_or_path!r}: not a file and not one of {known}")
-        data = read_yaml(path)
+        path = protocol_path(name_or_path)
+        data = read_protocol(path)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"source", "dev_subset"}
         if unknown:
             raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -149,6 +144,45 @@ class Protocol:
             self.seeds = list(range(numbers[0])) if len(numbers) == 1 and "," not in seeds else numbers
         if not (self.methods and self.datasets and self.seeds):
             raise UserError("the grid is empty: give at least one method, dataset and seed")
+
+
+def protocol_path(name_or_path: str, beside: Path | None = None) -> Path:
+    """A protocol file: a path (relative to ``beside``'s folder when given, e.g. an ``extends:`` in another file),
+    else a name shipped in ``protocols/``."""
+    path = Path(name_or_path)
+    for candidate in ([beside.parent / path] if beside else []) + [path, PROTOCOLS / f"{name_or_path}.yaml"]:
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in PROTOCOLS.glob("*.yaml")))
+    where = f"{beside}: extends: " if beside else ""
+    raise UserError(f"{where}unknown protocol {name_or_path!r}: not a file and not one of {known}")
+
+
+# sections whose keys a protocol that ``extends:`` another sets on top of the other's (each key replaced whole);
+# every other key (lists such as methods, seeds, branches; branch_steps) replaces the other's
+MERGED_SECTIONS = ("train", "attack", "variants", "trunk", "datasets_overrides", "attack_overrides")
+
+
+def read_protocol(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A protocol file's mapping, with ``extends: OTHER`` (a shipped name or a path) resolved: OTHER's mapping with
+    this file's keys on top (``MERGED_SECTIONS`` key by key), so that a protocol differing in one setting says only
+    that setting and cannot drift from the one it extends."""
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a protocol name or file, got {parent!r}")
+    parent_path = protocol_path(parent, beside=path)
+    if parent_path.resolve() in seen + (path.resolve(),):
+        raise UserError(f"{path}: extends: {parent!r} extends it back (a cycle)")
+    merged = read_protocol(parent_path, seen + (path.resolve(),))
+    for key, value in data.items():
+        if key in MERGED_SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def run_name(dataset: str, method: str, seed: int) -> str:

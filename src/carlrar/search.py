@@ -9,7 +9,8 @@ Beyond it (``SPACE``): the learning rate, CARL's weight ratio, τ, projection an
 ratio: tune FreeLB's own knobs with as many trials as the method's, so the baseline is tuned as hard.
 The study lives in STUDY_DIR/study.db (SQLite), so a search stopped at any point continues where it was: a trial
 killed mid-run is detected by its missing heartbeat, retried with the same parameters, and its training resumes from
-the killed trial's checkpoint. Trials report dev accuracy at each evaluation; the median pruner stops bad ones.
+the killed trial's checkpoint. With the clean objective, trials report selection accuracy (validation when carved)
+at each evaluation and the median pruner stops bad ones (not with the robust one: it measures something else).
 The best trial's full training configuration is written to STUDY_DIR/best.yaml (``carlrar train --config``).
 """
 
