@@ -173,7 +173,7 @@ def test_fill_pass_touches_every_index_once_without_updating(tiny_model_dir, toy
 def test_resume_after_fill_gives_same_banks_and_next_losses(tiny_model_dir, toy_files, tmp_path, monkeypatch):
     adv = AdversarialConfig(adv_init_mag=0.0)
     train(carl_config(tiny_model_dir, toy_files, tmp_path / "straight"), adv, CARL_KNOBS)
-    real_step, calls = Method.training_step, {"n": 0}
+    real_step = Method.training_step
 
     def crash_after_fill(self, *a, **kw):
         if self.term(ContrastiveTerm).filled:

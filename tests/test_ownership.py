@@ -291,7 +291,7 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_temporary(capsys, ti
     code, err = run_cli(capsys, train_argv(tiny_model_dir, toy_files["train"], out, "--eval_steps", "2"))
     errors = [x for x in err.splitlines() if x.startswith("error: ")]  # after the run's progress lines
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith(f"error: cannot write ") and "No space left on device" in errors[0], errors
+    assert errors[0].startswith("error: cannot write ") and "No space left on device" in errors[0], errors
     assert str(out) in errors[0]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], sorted(p.name for p in out.rglob("*"))
     assert not (out / "checkpoint").exists()  # no half checkpoint swapped in

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from carlrar.diagnostics import term_gradients
 from carlrar.methods import AdversarialConfig, ContrastiveConfig, ReconstructionConfig, freelb_step
 from carlrar.objectives import ContrastiveTerm, ReconstructionTerm
-from carlrar.objectives.reconstruction import reconstruction_loss, warm_up_reconstructor
+from carlrar.objectives.reconstruction import reconstruction_loss
 from carlrar.objectives.term import balanced_weight
 from carlrar.train import train
 from test_freelb import model_and_batch  # noqa: F401 (fixture)

@@ -5,7 +5,6 @@ The output directory's layout, checkpoints and resume are in ``carlrar.checkpoin
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
