@@ -244,3 +244,27 @@ def test_each_familys_best_variant_is_chosen_on_validation_never_on_dev():
     assert [line.split(" |")[0] for line in lines if "− FreeLB |" in line] == ["| CARL − FreeLB", "| rar-warm − FreeLB"]
     # identical per-example correctness in the synthetic runs: every difference is 0
     assert row(lines, "rar-warm − FreeLB").count("+0.00 [+0.00, +0.00]") == 4
+
+
+def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
+    """One row per study: completed trials, the best objective and the median over completed trials, the best trial's
+    clean accuracy and knobs, and the grid's default run's clean validation; studies with nothing completed left out."""
+    from carlrar.report_search import search_section
+
+    trials = [{"number": 0, "state": "COMPLETE", "value": 0.70, "adv_lr": 0.05, "clean_accuracy": 0.90},
+              {"number": 1, "state": "COMPLETE", "value": 0.74, "adv_lr": 0.125, "clean_accuracy": 0.88},
+              {"number": 2, "state": "PRUNED", "value": None, "adv_lr": 0.2},
+              {"number": 3, "state": "COMPLETE", "value": 0.71, "adv_lr": 0.01, "clean_accuracy": 0.91}]
+    for method, content in (("freelb", trials), ("carl", [{"number": 0, "state": "RUNNING", "value": None}])):
+        (tmp_path / "search-s2" / method).mkdir(parents=True)
+        (tmp_path / "search-s2" / method / "trials.json").write_text(json.dumps(content))
+    runs = [{"method": "freelb", "seed": 0, "final": {"validation": {"accuracy": 0.5}}},
+            {"method": "freelb", "seed": 2, "final": {"validation": {"accuracy": 0.895}}}]
+    lines = search_section(tmp_path, runs)
+    rows = [line for line in lines if line.startswith("| freelb")]
+    assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 |"]
+    assert not [line for line in lines if line.startswith("| carl")]
+    assert search_section(tmp_path / "nothing", runs) == []
+    (tmp_path / "search-s2" / "carl" / "trials.json").write_text("{}")
+    with pytest.raises(UserError, match="trials.json: not a trials.json written by carlrar search"):
+        search_section(tmp_path, runs)

@@ -351,6 +351,7 @@ def tables(index: dict, runs: list[dict]) -> str:
 
 def write_report(results: Path) -> tuple[Path, list[Path]]:
     from carlrar.report_plots import plots
+    from carlrar.report_search import search_section
     from carlrar.report_text import load_text_attacks, text_attack_tables
 
     if not (results / "index.json").is_file() and load_text_attacks(results):  # carlrar attack --recipe outputs only
@@ -358,7 +359,7 @@ def write_report(results: Path) -> tuple[Path, list[Path]]:
     else:
         index, runs = load_runs(results)
         attacks = load_text_attacks(results / "text_attacks") if (results / "text_attacks").is_dir() else {}
-        text = tables(index, runs) + "\n".join(text_attack_tables(attacks)) + "\n"
+        text = tables(index, runs) + "\n".join([*search_section(results, runs), *text_attack_tables(attacks)]) + "\n"
         pngs = plots(runs, results)
     text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n" if pngs else ""
     out = results / "report.md"
