@@ -268,3 +268,20 @@ def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     (tmp_path / "search-s2" / "carl" / "trials.json").write_text("{}")
     with pytest.raises(UserError, match="trials.json: not a trials.json written by carlrar search"):
         search_section(tmp_path, runs)
+
+
+def test_a_tuned_freelb_that_wins_on_validation_becomes_the_families_reference():
+    """The FreeLB family is chosen on validation like the others: freelb-tuned (91 %) beats freelb (90 %), so each
+    family's choice is compared with freelb-tuned, and the FreeLB family's row lists both."""
+    runs = []
+    for name, family, validation in (("freelb", "freelb", 0.90), ("freelb-tuned", "freelb", 0.91),
+                                     ("carl", "carl", 0.80), ("carl-proj", "carl", 0.82)):
+        for seed in (0, 1):
+            run = make_run(name, seed, config={"method": family})
+            run["final"].update(validation={"accuracy": validation})
+            runs.append(run)
+    lines = carlrar.report.family_tables(grid(runs), "toy")
+    assert row(lines, "FreeLB") == "| FreeLB | freelb-tuned 91.00 (2), FreeLB 90.00 (2) | freelb-tuned |"
+    assert [line.split(" |")[0] for line in lines if "− freelb-tuned |" in line
+            or line.startswith("| carl-proj −")] == ["| carl-proj − freelb-tuned"]
+    assert any(line.startswith("| chosen − freelb-tuned (dev, 95 % CI)") for line in lines)
