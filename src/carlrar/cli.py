@@ -213,7 +213,9 @@ def cmd_methods(argv: list[str]):
 
 def _data_args(p: ArgumentParser):
     p.add_argument("--dataset", default="sst2", type=text, help="named dataset (default sst2)")
-    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test", "validation"],
+                   help="validation: the examples --model's run set aside from train (--validation_size) and chose "
+                   "its checkpoint on (default dev)")
     p.add_argument("--data-dir", type=path("dir"), help="folder with the dataset folders (default "
                    "$CARLRAR_DATA_DIR, then the hub)")
     p.add_argument("--file", type=path("file"), help="a labelled CSV/TSV/JSONL file instead of --dataset")

@@ -7,11 +7,13 @@ split with its labels in the model's order.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from carlrar.data import Collator, EncodedSplit, eval_batches, load_dataset, read_labelled_file, subset
+from carlrar.data import (Collator, EncodedSplit, carve_validation, eval_batches, load_dataset, read_labelled_file,
+                          subset)
 
 
 @torch.no_grad()
@@ -65,15 +67,40 @@ def load_model_and_split(model_dir: str, dataset: str | None = "sst2", split: st
     ``dataset``; a seeded ``limit`` subset), encoded, with labels mapped onto the model's."""
     from carlrar.models import check_max_length, label_names, load_tokenizer, load_trained
 
+    carve = validation_size_of(model_dir, dataset, file) if split == "validation" else None
     ds = None if file else load_dataset(dataset, data_dir)  # bad data fails before the model loads
     if ds is not None:
-        ds.split(split)
+        ds.split("train" if carve else split)
     model = load_trained(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
     check_max_length(model, tokenizer, max_length)
     names = label_names(model)
-    data = read_labelled_file(file, text_column, label_column, names) if file else ds.split_for_model(split, names)
+    if file:
+        data = read_labelled_file(file, text_column, label_column, names)
+    elif carve:  # the examples the run chose its checkpoint on: carved from train exactly as training carved them
+        data = carve_validation(ds.split_for_model("train", names), carve)[0]
+    else:
+        data = ds.split_for_model(split, names)
     return model, tokenizer, names, EncodedSplit(subset(data, limit, seed), tokenizer, max_length)
+
+
+def validation_size_of(model_dir: str, dataset: str | None, file: str | None) -> int:
+    """How many training examples ``model_dir``'s run set aside as its validation split (``--split validation``:
+    the split its checkpoint was chosen on), from its carlrar_config.yaml; one-line errors when it has none."""
+    from carlrar.checkpoint import yaml_load
+    from carlrar.errors import UserError
+
+    if file:
+        raise UserError("--split validation is carved from a named dataset's training split, not from --file")
+    config_file = Path(model_dir) / "carlrar_config.yaml"
+    saved = yaml_load(config_file) if config_file.is_file() else {}
+    if not saved.get("validation_size"):
+        raise UserError(f"--split validation: {model_dir} has no carlrar_config.yaml with a validation_size (it "
+                        "was not trained by carlrar train --validation_size N)")
+    if saved.get("train_file") or saved.get("dataset") != dataset:
+        raise UserError(f"--split validation: {model_dir} was trained on "
+                        f"{saved.get('train_file') or saved.get('dataset')!r}, not on --dataset {dataset!r}")
+    return int(saved["validation_size"])
 
 
 def classification_metrics(preds: list[int], labels: list[int], label_names: list[str]) -> dict:
