@@ -258,11 +258,15 @@ def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     for method, content in (("freelb", trials), ("carl", [{"number": 0, "state": "RUNNING", "value": None}])):
         (tmp_path / "search-s2" / method).mkdir(parents=True)
         (tmp_path / "search-s2" / method / "trials.json").write_text(json.dumps(content))
-    runs = [{"method": "freelb", "seed": 0, "final": {"validation": {"accuracy": 0.5}}},
-            {"method": "freelb", "seed": 2, "final": {"validation": {"accuracy": 0.895}}}]
+    runs = [{"name": "toy-freelb-s0", "method": "freelb", "seed": 0, "final": {"validation": {"accuracy": 0.5}}},
+            {"name": "toy-freelb-s2", "method": "freelb", "seed": 2, "final": {"validation": {"accuracy": 0.895}}}]
+    rows = [line for line in search_section(tmp_path, runs) if line.startswith("| freelb")]
+    assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 | — |"]
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "toy-freelb-s2.json").write_text(json.dumps({"attacks": [{"eps": 0.1, "accuracy": 0.76}]}))
     lines = search_section(tmp_path, runs)
     rows = [line for line in lines if line.startswith("| freelb")]
-    assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 |"]
+    assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 | 76.00 at ε 0.1 |"]
     assert not [line for line in lines if line.startswith("| carl")]
     assert search_section(tmp_path / "nothing", runs) == []
     (tmp_path / "search-s2" / "carl" / "trials.json").write_text("{}")

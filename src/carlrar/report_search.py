@@ -43,12 +43,26 @@ def search_rows(path: Path, runs: list[dict]) -> list[str] | None:
         return None
     best = max(complete, key=lambda t: t["value"])
     robust = "clean_accuracy" in best  # the robust objective keeps the clean accuracy beside its value
-    default = default_run(runs, method, seed)
-    default_val = (default or {}).get("final", {}).get("validation", {}).get("accuracy")
+    default = default_run(runs, method, seed) or {}
+    default_val = default.get("final", {}).get("validation", {}).get("accuracy")
     return [method, str(seed), f"{len(complete)} of {len(trials)}", "robust" if robust else "clean",
             f"{100 * best['value']:.2f}", f"{100 * statistics.median(t['value'] for t in complete):.2f}",
             f"{100 * best['clean_accuracy']:.2f}" if robust else "", knobs(best),
-            f"{100 * default_val:.2f}" if default_val is not None else "—"]
+            f"{100 * default_val:.2f}" if default_val is not None else "—",
+            attacked_on_validation(path.parents[2] / "validation" / f"{default.get('name')}.json")]
+
+
+def attacked_on_validation(path: Path) -> str:
+    """The default run's accuracy under attack on its validation split, from ``carlrar attack --split validation
+    --output RESULTS/validation/<run>.json`` (the search's robust objective, measured on the run the search's
+    trials are compared with), per ε; "—" when not measured."""
+    if not path.is_file():
+        return "—"
+    try:
+        attacks = json.loads(path.read_text(encoding="utf-8"))["attacks"]
+        return ", ".join(f"{100 * a['accuracy']:.2f} at ε {a['eps']:g}" for a in attacks)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not an attack result written by carlrar attack") from None
 
 
 def search_section(results: Path, runs: list[dict]) -> list[str]:
@@ -60,10 +74,13 @@ def search_section(results: Path, runs: list[dict]) -> list[str]:
     if not rows:
         return []
     header = ["method", "seed", "trials completed", "objective", "best objective (val %)", "median over trials",
-              "best trial's clean val %", "best trial's knobs", "grid's default run, clean val %"]
+              "best trial's clean val %", "best trial's knobs", "grid's default run, clean val %",
+              "grid's default run under attack, val %"]
     return ["## Searches (on validation)", "",
             "Each study (`carlrar search`, trials branching from the seed's trunk) maximises its objective on the "
             "validation split: `robust` = validation accuracy under 10-step k-PGD at the search's ε, `clean` = clean "
-            "validation accuracy. The last column is the grid's run of the method with the protocol's settings on the "
-            "same seed (its clean validation accuracy; it was not attacked on validation). Dev plays no part here.",
+            "validation accuracy. The last two columns are the grid's run of the method with the protocol's settings on the "
+            "same seed: its clean validation accuracy, and its accuracy under the same attack on validation where "
+            "`carlrar attack --split validation --output RESULTS/validation/<run>.json` measured it (the search's "
+            "trials do not include the protocol's own setting). Dev plays no part here.",
             "", *md_table(header, rows), ""]
