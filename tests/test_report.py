@@ -291,3 +291,26 @@ def test_a_tuned_freelb_that_wins_on_validation_is_a_second_reference():
     assert [line.split(" |")[0] for line in lines if line.startswith("| chosen −")] == [
         "| chosen − FreeLB (dev, 95 % CI)", "| chosen − freelb-tuned (dev, 95 % CI)"]
     assert "| freelb-tuned − FreeLB" in [line.split(" |")[0] for line in lines]
+
+
+def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
+    """Where runs were attacked on validation (every seed), the family table adds the same rule on that accuracy:
+    here freelb-tuned wins clean validation (91 vs 90) but freelb wins under attack (76 vs 74); carl-proj is not
+    measured on every seed, so only carl competes under attack."""
+    runs = []
+    for name, family, validation, robust in (("freelb", "freelb", 0.90, (0.76, 0.76)),
+                                             ("freelb-tuned", "freelb", 0.91, (0.74, 0.74)),
+                                             ("carl", "carl", 0.80, (0.70, 0.72)), ("carl-proj", "carl", 0.82, (0.9, None))):
+        for seed in (0, 1):
+            run = make_run(name, seed, config={"method": family})
+            run["final"].update(validation={"accuracy": validation})
+            run["validation_attack"] = [{"eps": 0.1, "accuracy": robust[seed]}] if robust[seed] else None
+            runs.append(run)
+    lines = carlrar.report.family_tables(grid(runs), "toy")
+    assert row(lines, "FreeLB") == ("| FreeLB | freelb-tuned 91.00 (2), FreeLB 90.00 (2) | freelb-tuned | "
+                                    "FreeLB 76.00 (2), freelb-tuned 74.00 (2) | FreeLB |")
+    assert row(lines, "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj | CARL 71.00 (2) | CARL |"
+    assert any("under k-PGD at ε = 0.1" in line for line in lines)
+    for run in runs:
+        run["validation_attack"] = None
+    assert row(carlrar.report.family_tables(grid(runs), "toy"), "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj |"

@@ -52,17 +52,22 @@ def search_rows(path: Path, runs: list[dict]) -> list[str] | None:
             attacked_on_validation(path.parents[2] / "validation" / f"{default.get('name')}.json")]
 
 
-def attacked_on_validation(path: Path) -> str:
-    """The default run's accuracy under attack on its validation split, from ``carlrar attack --split validation
-    --output RESULTS/validation/<run>.json`` (the search's robust objective, measured on the run the search's
-    trials are compared with), per ε; "—" when not measured."""
+def validation_attack(path: Path) -> list[dict] | None:
+    """A run's accuracy under attack on its validation split per ε ([{"eps", "accuracy"}]), from ``carlrar attack
+    --split validation --output RESULTS/validation/<run>.json`` (the search's robust objective, measured on any
+    run); None when not measured."""
     if not path.is_file():
-        return "—"
+        return None
     try:
         attacks = json.loads(path.read_text(encoding="utf-8"))["attacks"]
-        return ", ".join(f"{100 * a['accuracy']:.2f} at ε {a['eps']:g}" for a in attacks)
+        return [{"eps": a["eps"], "accuracy": a["accuracy"]} for a in attacks]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path}: not an attack result written by carlrar attack") from None
+
+
+def attacked_on_validation(path: Path) -> str:
+    attacks = validation_attack(path)
+    return ", ".join(f"{100 * a['accuracy']:.2f} at ε {a['eps']:g}" for a in attacks) if attacks else "—"
 
 
 def search_section(results: Path, runs: list[dict]) -> list[str]:
