@@ -1,7 +1,9 @@
 """``carlrar report``'s Searches section: the equal-trial searches kept in a results folder
 (``scripts/converged-search.sh`` writes ``RESULTS/search-s<seed>/<method>/trials.json`` through ``carlrar search``),
 one row per study beside the grid's run of the same method and seed with the paper's defaults, so that a reader sees
-how much each method's own knobs were worth on validation, and that the baseline was searched as hard."""
+how much each method's own knobs were worth on validation, and that the baseline was searched as hard; and the runs'
+accuracy under attack on their validation split (``RESULTS/validation/<run>.json``), which the family table of
+``carlrar report`` also chooses on."""
 
 from __future__ import annotations
 
