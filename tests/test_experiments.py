@@ -220,3 +220,30 @@ def test_robust_accuracy_is_the_attack_of_the_chosen_model_on_validation(tiny_mo
     expected = attack_split(model, EncodedSplit(validation, tok, cfg.max_length), tok.pad_token_id, [0.5])
     assert robust_accuracy(cfg, 0.5) == expected["attacks"][0]["accuracy"]
     assert expected["attacks"][0]["accuracy"] < expected["clean_accuracy"]  # the attack bites: not a clean copy
+
+
+def test_search_enqueues_the_configurations_own_knobs_once(tmp_path, monkeypatch):
+    """--enqueue-defaults: the first trial runs the configuration's values (here α 0.1, γ 0.6, ε 0), once per study
+    (a second sitting does not repeat it), and counts as one of --trials; a value outside the space is refused."""
+    import carlrar.train
+    from carlrar.config import TrainConfig
+    from carlrar.errors import UserError
+    from carlrar.methods import AdversarialConfig, ContrastiveConfig
+    from carlrar.search import search
+
+    seen = []
+
+    def fake_train(cfg, adv, on_evaluate):
+        seen.append((adv.adv_lr, adv.adv_init_mag, adv.adv_max_norm))
+        return {"dev": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(carlrar.train, "train", fake_train)
+    configs = (TrainConfig(method="freelb"), AdversarialConfig(adv_lr=0.1, adv_init_mag=0.6, adv_max_norm=0.0))
+    names = ["adv_lr", "adv_init_mag", "adv_max_norm"]
+    search(configs, tmp_path / "study", trials=2, names=names, enqueue_defaults=True)
+    assert len(seen) == 2 and seen[0] == (0.1, 0.6, 0.0) and seen[1] != seen[0]
+    search(configs, tmp_path / "study", trials=3, names=names, enqueue_defaults=True)
+    assert len(seen) == 3 and seen.count((0.1, 0.6, 0.0)) == 1
+    carl = (TrainConfig(method="carl"), AdversarialConfig(), ContrastiveConfig())
+    with pytest.raises(UserError, match="--enqueue-defaults: carl_weight_ratio = 0.0 outside the search space"):
+        search(carl, tmp_path / "carl", trials=1, names=["carl_weight_ratio"], enqueue_defaults=True)

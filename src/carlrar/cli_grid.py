@@ -89,6 +89,8 @@ def cmd_search(argv: list[str]):
                    "(the paper's); robust: its accuracy under 10-step k-PGD at --objective-eps (no pruning)")
     p.add_argument("--objective-eps", type=number(above=0), default=0.1, help="ε of --objective robust "
                    "(default 0.1)")
+    p.add_argument("--enqueue-defaults", action="store_true", help="run the configuration's own values of the "
+                   "searched knobs as the study's first trial (counts as one of --trials)")
     if argv in (["-h"], ["--help"]):
         p.print_help()
         print("\nAll carlrar train options are accepted too (e.g. --preset demo --method freelb).")
@@ -103,7 +105,7 @@ def cmd_search(argv: list[str]):
     configs = (cfg, *[by_class[c] for c in METHODS[cfg.method].config_classes])
     names = [n.strip() for n in args.params.split(",") if n.strip()]
     study = search(configs, Path(args.study_dir), args.trials, args.sampler, names, args.search_seed, args.objective,
-                   args.objective_eps)
+                   args.objective_eps, args.enqueue_defaults)
     best = study.best_trial
     what = "selection accuracy" if args.objective == "clean" else f"accuracy under attack (ε {args.objective_eps:g})"
     print(f"best trial {best.number}: {what} {best.value:.4f} with "

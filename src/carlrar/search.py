@@ -60,6 +60,25 @@ def suggest(trial, names: list[str]) -> dict:
     return params
 
 
+def defaults_of(configs: tuple, names: list[str], sampler: str) -> dict:
+    """The searched knobs' values in the given configuration (the method's defaults, or what the command line set)
+    as a trial to enqueue, so that the study compares its trials with the setting it starts from; a value the
+    search space cannot hold is a user error (e.g. carl_weight_ratio 0: the paper's fixed weight, not a ratio)."""
+    values, outside = {}, []
+    for name in names:
+        value = next(getattr(c, name) for c in configs if hasattr(c, name))
+        low, high, _, grid = SPACE[name]
+        value = 0 if value is None and 0 in grid else value  # carl_proj_dim: none is 0 in the space
+        inside = value in grid if low is None or sampler == "grid" else value is not None and low <= value <= high
+        values[name] = value
+        if not inside:
+            outside.append(f"{name} = {value}")
+    if outside:
+        raise UserError(f"--enqueue-defaults: {', '.join(outside)} outside the search space (see --params); set it "
+                        "to a value inside, or search without it")
+    return values
+
+
 def make_study(study_dir: Path, sampler: str, names: list[str], seed: int):
     import optuna
 
@@ -91,9 +110,11 @@ def robust_accuracy(cfg, eps: float) -> float:
 
 
 def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", names: list[str] | None = None,
-           seed: int = 0, objective: str = "clean", objective_eps: float = 0.1):
+           seed: int = 0, objective: str = "clean", objective_eps: float = 0.1, enqueue_defaults: bool = False):
     """Run trials until ``trials`` have completed or been pruned (counting earlier sittings); return the study.
-    ``objective``: "clean" (selection accuracy) or "robust" (its accuracy under k-PGD at ``objective_eps``)."""
+    ``objective``: "clean" (selection accuracy) or "robust" (its accuracy under k-PGD at ``objective_eps``).
+    ``enqueue_defaults``: the configuration's own values of the searched knobs run as a trial (once per study, one
+    of ``trials``), so that the best trial is never a setting worse than the one the search started from."""
     import optuna
 
     from carlrar.config import to_dict, write_yaml
@@ -117,6 +138,10 @@ def search(configs: tuple, study_dir: Path, trials: int, sampler: str = "tpe", n
     if previous != goal:
         raise UserError(f"{study_dir}: this study maximises {previous}, not {goal}: use another --study-dir")
     study.set_user_attr("objective", goal)
+    if enqueue_defaults:
+        defaults = defaults_of(configs, names, sampler)
+        if not any(t.params == defaults for t in study.trials):  # a later sitting does not enqueue it again
+            study.enqueue_trial(defaults)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def run_trial(trial):
