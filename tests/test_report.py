@@ -249,7 +249,7 @@ def test_each_familys_best_variant_is_chosen_on_validation_never_on_dev():
 def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     """One row per study: completed trials, the best objective and the median over completed trials, the best trial's
     clean accuracy and knobs, and the grid's default run's clean validation; studies with nothing completed left out."""
-    from carlrar.report_search import search_section
+    from carlrar.report_search import search_section, validation_attack
 
     trials = [{"number": 0, "state": "COMPLETE", "value": 0.70, "adv_lr": 0.05, "clean_accuracy": 0.90},
               {"number": 1, "state": "COMPLETE", "value": 0.74, "adv_lr": 0.125, "clean_accuracy": 0.88},
@@ -264,6 +264,8 @@ def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 | — |"]
     (tmp_path / "validation").mkdir()
     (tmp_path / "validation" / "toy-freelb-s2.json").write_text(json.dumps({"attacks": [{"eps": 0.1, "accuracy": 0.76}]}))
+    for run in runs:  # as report.load_runs attaches them
+        run["validation_attack"] = validation_attack(tmp_path / "validation" / f"{run['name']}.json")
     lines = search_section(tmp_path, runs)
     rows = [line for line in lines if line.startswith("| freelb")]
     assert rows == ["| freelb | 2 | 3 of 4 | robust | 74.00 | 71.00 | 88.00 | adv_lr 0.125 | 89.50 | 76.00 at ε 0.1 |"]

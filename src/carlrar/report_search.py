@@ -45,13 +45,15 @@ def search_rows(path: Path, runs: list[dict]) -> list[str] | None:
         return None
     best = max(complete, key=lambda t: t["value"])
     robust = "clean_accuracy" in best  # the robust objective keeps the clean accuracy beside its value
-    default = default_run(runs, method, seed) or {}
-    default_val = default.get("final", {}).get("validation", {}).get("accuracy")
+    from carlrar.report import validation_accuracy
+
+    default = default_run(runs, method, seed)
+    default_val = validation_accuracy(default) if default else None
     return [method, str(seed), f"{len(complete)} of {len(trials)}", "robust" if robust else "clean",
             f"{100 * best['value']:.2f}", f"{100 * statistics.median(t['value'] for t in complete):.2f}",
             f"{100 * best['clean_accuracy']:.2f}" if robust else "", knobs(best),
             f"{100 * default_val:.2f}" if default_val is not None else "—",
-            attacked_on_validation(path.parents[2] / "validation" / f"{default.get('name')}.json")]
+            attacked_on_validation((default or {}).get("validation_attack"))]
 
 
 def validation_attack(path: Path) -> list[dict] | None:
@@ -67,8 +69,8 @@ def validation_attack(path: Path) -> list[dict] | None:
         raise UserError(f"{path}: not an attack result written by carlrar attack") from None
 
 
-def attacked_on_validation(path: Path) -> str:
-    attacks = validation_attack(path)
+def attacked_on_validation(attacks: list[dict] | None) -> str:
+    """A run's ``validation_attack`` (attached by ``report.load_runs``) as a table cell."""
     return ", ".join(f"{100 * a['accuracy']:.2f} at ε {a['eps']:g}" for a in attacks) if attacks else "—"
 
 
