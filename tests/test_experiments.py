@@ -247,3 +247,26 @@ def test_search_enqueues_the_configurations_own_knobs_once(tmp_path, monkeypatch
     carl = (TrainConfig(method="carl"), AdversarialConfig(), ContrastiveConfig())
     with pytest.raises(UserError, match="--enqueue-defaults: carl_weight_ratio = 0.0 outside the search space"):
         search(carl, tmp_path / "carl", trials=1, names=["carl_weight_ratio"], enqueue_defaults=True)
+
+
+def test_a_later_sitting_does_not_replay_the_first_sittings_draws(tmp_path, monkeypatch):
+    """TPE's start-up trials are draws from its seeded generator: a resumed study (a new process) must draw new
+    knobs, not the first sitting's again (which retrains an identical model)."""
+    import carlrar.train
+    from carlrar.config import TrainConfig
+    from carlrar.methods import AdversarialConfig
+    from carlrar.search import search
+
+    seen = []
+
+    def fake_train(cfg, adv, on_evaluate):
+        seen.append(adv.adv_lr)
+        return {"dev": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(carlrar.train, "train", fake_train)
+    configs = (TrainConfig(method="freelb"), AdversarialConfig())
+    search(configs, tmp_path / "study", trials=2, names=["adv_lr"])
+    search(configs, tmp_path / "study", trials=4, names=["adv_lr"])
+    assert len(seen) == 4 and len(set(seen)) == 4
+    search(configs, tmp_path / "again", trials=2, names=["adv_lr"])
+    assert seen[4:] == seen[:2]  # still seeded: a new study draws what the first study drew

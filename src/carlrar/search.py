@@ -85,6 +85,10 @@ def make_study(study_dir: Path, sampler: str, names: list[str], seed: int):
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{study_dir / 'study.db'}", heartbeat_interval=30, grace_period=90,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    # A later sitting must not replay the first one's random draws (TPE's start-up trials are plain draws from its
+    # seeded generator: same seed, same knobs again), so each sitting's seed also counts the trials already made.
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    seed += studies.get("carlrar", 0)
     if sampler == "grid":
         chosen = optuna.samplers.GridSampler({n: SPACE[n][3] for n in names}, seed=seed)
     else:
