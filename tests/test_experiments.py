@@ -74,7 +74,7 @@ def test_reproduce_rejects_bad_options_before_running(tiny_model_dir, toy_files,
     for argv, message in [(["--set", "no_such_option=1"], "unknown option 'no_such_option'"),
                           (["--methods", "base,magic"], "unknown method 'magic'"),
                           (["--protocol", "nope"], "unknown protocol 'nope'"),
-                          (["--seeds", "x"], "--seeds 'x'")]:
+                          (["--seeds", "x"], "--seeds 'x'"), (["--seeds", "0"], "for seed 0 alone, --seeds 0,")]:
         with pytest.raises(SystemExit) as e:
             main(["reproduce", "--protocol", str(protocol), "--results", str(tmp_path / "r"), *argv])
         assert e.value.code == 2

@@ -141,6 +141,8 @@ class Protocol:
                 numbers = [int(s) for s in seeds.split(",") if s.strip()]
             except ValueError:
                 raise UserError(f"--seeds {seeds!r}: expected a number or comma-separated integers") from None
+            if numbers == [0] and "," not in seeds:  # N = 0 seeds is never what was meant: seed 0 alone is "0,"
+                raise UserError("--seeds 0 is no seeds (a number N means seeds 0..N-1): for seed 0 alone, --seeds 0,")
             self.seeds = list(range(numbers[0])) if len(numbers) == 1 and "," not in seeds else numbers
         if not (self.methods and self.datasets and self.seeds):
             raise UserError("the grid is empty: give at least one method, dataset and seed")
