@@ -313,6 +313,9 @@ def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
                                     "FreeLB 76.00 (2), freelb-tuned 74.00 (2) | FreeLB |")
     assert row(lines, "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj | CARL 71.00 (2) | CARL |"
     assert any("under k-PGD at ε = 0.1" in line for line in lines)
+    # both rules' choices are bootstrapped: carl-proj (clean rule) and CARL (under attack), vs both FreeLBs
+    assert [line.split(" |")[0] for line in lines if line.startswith(("| CARL −", "| carl-proj −"))] == [
+        "| CARL − FreeLB", "| carl-proj − FreeLB", "| CARL − freelb-tuned", "| carl-proj − freelb-tuned"]
     for run in runs:
         run["validation_attack"] = None
     assert row(carlrar.report.family_tables(grid(runs), "toy"), "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj |"
