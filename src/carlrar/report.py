@@ -297,9 +297,9 @@ def family_best(grid: Grid, d: str, get: Callable[[dict], float | None] = valida
 def family_tables(grid: Grid, d: str) -> list[str]:
     """Each family's variant chosen on validation (clean, and under attack where measured), and their paired
     bootstraps (dev) vs the protocol's FreeLB and, when the FreeLB family chose another variant (a tuned FreeLB that
-    wins on clean validation), vs that one too: a gain
-    counts only against both, since a baseline tuned for clean accuracy may be the weaker one under attack. The
-    issue's goal is stated for the best variant, and choosing it on dev would flatter it."""
+    wins on clean validation), vs that one too: a gain counts only against both, since a baseline tuned for clean
+    accuracy may be the weaker one under attack. The issue's goal is stated for the best variant, and choosing it on
+    dev would flatter it."""
     best, robust = family_best(grid, d), family_best(grid, d, robust_validation_accuracy)
     if not grid.runs(d, "freelb") or not any(len(c) > 1 for c in best.values()):
         return []
