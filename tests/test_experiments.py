@@ -166,6 +166,11 @@ def test_search_over_carl_knobs_chooses_on_validation(tmp_path, monkeypatch):
     study = search(configs, tmp_path / "study", trials=4, sampler="grid", names=["carl_proj_dim", "carl_start_rule"])
     assert sorted(seen) == [(0, "plateau"), (0, "step"), (128, "plateau"), (128, "step")]
     assert study.best_value == 0.9 and study.best_params["carl_proj_dim"] == 128
+    seen.clear()
+    monkeypatch.setattr(carlrar.train, "train", lambda cfg, adv, carl, on_evaluate: seen.append(
+        carl.carl_representation) or {"dev": {"accuracy": 0.5}})
+    search(configs, tmp_path / "representation", trials=2, sampler="grid", names=["carl_representation"])
+    assert sorted(seen) == ["cls", "head_input"]  # L_D on R or on what the logits' layer reads (carl-head)
     with pytest.raises(UserError, match="no option rar_weight"):
         search(configs, tmp_path / "other", trials=1, names=["rar_weight"])
 

@@ -41,6 +41,7 @@ SPACE = {
     "carl_temperature": (0.03, 0.5, True, [0.05, 0.07, 0.2]),
     "carl_proj_dim": (None, None, None, [0, 128]),
     "carl_start_rule": (None, None, None, ["step", "plateau"]),
+    "carl_representation": (None, None, None, ["cls", "head_input"]),
     "rar_weight": (0.01, 0.3, True, [0.01, 0.03, 0.1, 0.3]),
     "rar_weight_ratio": (0.1, 10.0, True, [0.25, 1.0, 4.0]),
     "rar_ascent": (None, None, None, ["total", "classification"]),
