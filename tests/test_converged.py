@@ -128,3 +128,22 @@ def test_a_protocol_that_extends_another_sets_only_its_own_keys_on_top(tmp_path)
         assert protocol.trunk == {"method": "freelb", "max_steps": 12}
         assert set(protocol.variants) == {"carl-proj", "x"}
         assert (protocol.attack.eps, protocol.attack.steps, protocol.source) == ([0.1], 3, str(path))
+
+
+def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp_path):
+    """AG News's diagnostic pair: SST-2's FreeLB perturbation (α 0.1, γ 0.6, n 2) on the AG News trunk, for FreeLB and
+    carl-tuned alike; every other setting as theirs. On SST-2, whose preset has that perturbation, freelb-wide is
+    FreeLB itself."""
+    protocol = Protocol.load("converged")
+    wide = {"adv_lr": 0.1, "adv_init_mag": 0.6, "adv_steps": 2, "adv_max_norm": 0.0}
+    for name, base in (("freelb-wide", "freelb"), ("carl-tuned-wide", "carl-tuned")):
+        changed = run_configs(protocol, "agnews", name, 0, tmp_path, {})
+        plain = run_configs(protocol, "agnews", base, 0, tmp_path, {})
+        a = {k: v for c in plain for k, v in dataclasses.asdict(c).items()}
+        b = {k: v for c in changed for k, v in dataclasses.asdict(c).items()}
+        assert {k for k in a if a[k] != b[k]} == {"adv_lr", "adv_init_mag", "adv_steps", "output_dir"}
+        assert {k: b[k] for k in wide} == wide and b["init_from"] == str(tmp_path / "agnews-trunk-s0")
+    same = [dataclasses.replace(c, output_dir="x") if hasattr(c, "output_dir") else c
+            for c in run_configs(protocol, "sst2", "freelb-wide", 0, tmp_path, {})]
+    assert same == [dataclasses.replace(c, output_dir="x") if hasattr(c, "output_dir") else c
+                    for c in run_configs(protocol, "sst2", "freelb", 0, tmp_path, {})]
