@@ -47,6 +47,10 @@ def assert_same_state(a, b):
             x, y = load_file(str(a / f)), load_file(str(b / f))
             assert x.keys() == y.keys()
             for k in x:
+                if k.endswith("attention.self.key.bias"):
+                    # softmax ignores a bias added to every key alike: it gets no gradient, only Adam's steps on
+                    # rounding noise (values ~1e-5 whose sign differs with the machine's kernels)
+                    continue
                 assert torch.allclose(x[k].float(), y[k].float(), atol=2e-5), (f, k)
 
 
