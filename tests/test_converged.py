@@ -58,6 +58,29 @@ def test_trunk_is_trained_once_and_branches_record_their_branch_point(tiny_model
     assert len(trained) == 5
 
 
+def test_a_done_trunk_whose_checkpoint_is_gone_is_trained_again_only_for_a_pending_branch(
+        tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    import shutil
+
+    import carlrar.train
+
+    protocol = write_branch_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)
+    results = tmp_path / "results"
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    trained = []
+    real = carlrar.train.train
+    monkeypatch.setattr(carlrar.train, "train", lambda *c, **kw: trained.append(c[0].method) or real(*c, **kw))
+    shutil.rmtree(results / "models")  # a new machine: results/ came with git, models/ did not
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    assert trained == []  # every branch is done: the trunk's checkpoint is not needed
+    carl_before = json.loads((results / "runs" / "toy-carl-s0.json").read_text())
+    (results / "runs" / "toy-carl-s0.json").unlink()
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    assert trained == ["freelb", "carl"]  # the trunk again, then the pending branch from it
+    carl = json.loads((results / "runs" / "toy-carl-s0.json").read_text())
+    assert carl["branch"] == carl_before["branch"] and carl["final"]["steps"] == carl_before["final"]["steps"]
+
+
 def test_the_converged_protocol_on_agnews_and_sst2(tmp_path):
     """AG News: the same 750 + 250 steps as 3 + 1 epochs of 4,000 at the preset's batch 16 and FreeLB knobs, m
     scaled to the bank, k-PGD on a seeded 500 of dev's 2,000; SST-2's runs as they were."""

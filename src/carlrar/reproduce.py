@@ -325,6 +325,14 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     return index
 
 
+def trunk_checkpoint_lost(results: Path, configs: dict, grid: list, name: str, dataset: str, seed: int) -> bool:
+    """A done trunk whose checkpoint/ is gone while a branch of its dataset and seed in this grid is not done."""
+    if (Path(configs[name][0].output_dir) / "checkpoint").exists():
+        return False
+    return any(not (results / "runs" / f"{n}.json").exists() for n, (d, m, s) in zip(configs, grid)
+               if (d, s) == (dataset, seed) and configs[n][0].init_from == configs[name][0].output_dir)
+
+
 def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra: dict, keep_checkpoints: bool,
              command: str) -> dict:
     """``reproduce``'s grid, under the results folder's lock: the index brought up to date, then each run not done."""
@@ -335,6 +343,9 @@ def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra
     (results / "trunks").mkdir(exist_ok=True)
     for name, (d, m, s) in zip(configs, grid):
         done = (results / ("trunks" if m == "trunk" else "runs") / f"{name}.json").exists()
+        if done and m == "trunk" and trunk_checkpoint_lost(results, configs, grid, name, d, s):
+            done = False  # models/ is not kept across machines: retrain it (same seed) for its pending branches
+            say(f"{name}: done, but its checkpoint is gone and a branch still needs it; training it again")
         entry = index["runs"].get(name, {})
         status = entry.get("status", "pending")
         index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,  # done means: its JSON exists
