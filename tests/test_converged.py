@@ -170,3 +170,16 @@ def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp
             for c in run_configs(protocol, "sst2", "freelb-wide", 0, tmp_path, {})]
     assert same == [dataclasses.replace(c, output_dir="x") if hasattr(c, "output_dir") else c
                     for c in run_configs(protocol, "sst2", "freelb", 0, tmp_path, {})]
+
+
+def test_declared_pairs_must_name_methods_or_variants(tmp_path):
+    from carlrar.errors import UserError
+    import pytest
+
+    assert Protocol.load("converged").pairs[-1] == ["carl-tuned-wide", "freelb-wide"]
+    for pairs, message in (([["carl", "nope"]], "'nope' is neither a method nor one of the variants"),
+                           ([["carl"]], "expected [A, B]")):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"methods": ["carl"], "pairs": pairs}))
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            Protocol.load(str(path))

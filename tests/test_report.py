@@ -319,3 +319,36 @@ def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
     for run in runs:
         run["validation_attack"] = None
     assert row(carlrar.report.family_tables(grid(runs), "toy"), "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj |"
+
+
+def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_bootstrapped(monkeypatch):
+    """carl-tuned-wide turns 2 of 20 wrong examples right under every ε and its cos is 0.05 higher; freelb-wide's
+    seed 2 (every example right) has no partner and must not count."""
+    monkeypatch.setattr(carlrar.report, "paired_bootstrap", functools.partial(paired_bootstrap, n_boot=500))
+    from carlrar.report_pairs import pair_section
+
+    cos = np.linspace(0.2, 0.9, 20)
+    runs = [make_run("freelb-wide", s, cos=cos) for s in (0, 1)] + [make_run("carl-tuned-wide", s, cos=cos + 0.05)
+                                                                     for s in (0, 1)]
+    lonely = make_run("freelb-wide", 2, cos=cos)
+    lonely["per_example"]["attacks"] = [{"eps": e, "correct": [1] * 20, "cos": list(cos)} for e in EPS]
+    runs.append(lonely)
+    for run in runs[2:4]:
+        run["final"]["dev"]["accuracy"] = 0.81
+        for a in run["attack"]["attacks"]:
+            a["accuracy"] = 0.8
+        for a in run["per_example"]["attacks"]:
+            a["correct"] = [1, 1, 1, 1] + [1, 0] * 8
+    lines = pair_section(grid(runs, 3), "toy", [["carl-tuned-wide", "freelb-wide"], ["carl", "freelb"]])
+    total = next(line for line in lines if line.startswith("| **carl-tuned-wide − freelb-wide** (2 seeds"))
+    cells = total.split(" | ")[1:]
+    assert cells[0] == "+1.00" and cells[1] == "+0.00 [+0.00, +0.00]"  # all of dev; the attacked examples clean
+    for cell in cells[2:5]:
+        mean, lo, hi = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+        assert mean == 10.0 and 0 <= lo < mean < hi <= 25  # resampling the 20 examples: how many of the 2 are drawn
+    assert cells[5] == "+0.0500 [+0.0500, +0.0500] |"
+    per_seed = [line for line in lines if line.startswith("| carl-tuned-wide − freelb-wide, seed")]
+    assert per_seed == [f"| carl-tuned-wide − freelb-wide, seed {s} | +1.00 | +0.00 | +10.00 | +10.00 | +10.00 | "
+                        "+0.0500 |" for s in (0, 1)]
+    assert not any("carl − freelb" in line.lower() for line in lines)  # a pair without runs is left out
+    assert pair_section(grid(runs, 3), "toy", [["carl", "freelb"]]) == []

@@ -362,13 +362,17 @@ def tables(index: dict, runs: list[dict]) -> str:
     # the seeds of every run the index has planned, not only the last command's: a grid run in pieces (--seeds 2,)
     seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
     grid = Grid(grouped(runs), len(seeds))
+    from carlrar.report_pairs import pair_section  # it builds on this module's tables
+
+    pairs = index["protocol"].get("pairs") or []
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
     lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
-                  *bootstrap_tables(grid, d), *family_tables(grid, d), *diagnostics_section(grid, d)]
+                  *bootstrap_tables(grid, d), *family_tables(grid, d), *pair_section(grid, d, pairs),
+                  *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "
               "speed): " + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"

@@ -84,6 +84,7 @@ class Protocol:
     branches: list = dataclasses.field(default_factory=list)
     branch_steps: int = 0
     text_attack: TextAttackConfig | None = None  # TextAttack recipes (and RAR's samples) on a subset of dev
+    pairs: list = dataclasses.field(default_factory=list)  # [A, B]: `carlrar report` adds A − B beside A − FreeLB
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
@@ -101,7 +102,7 @@ class Protocol:
                        attack=attack, dev_subset=dev_subset, attack_overrides=data.get("attack_overrides") or {},
                        source=str(path), variants=data.get("variants") or {},
                        trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
-                       branch_steps=int(data.get("branch_steps") or 0),
+                       branch_steps=int(data.get("branch_steps") or 0), pairs=list(data.get("pairs") or []),
                        text_attack=TextAttackConfig.from_dict(data["text_attack"], f"{path}: text_attack")
                        if data.get("text_attack") else None)
         if protocol.text_attack and protocol.text_attack.rar_samples not in (None, *protocol.methods):
@@ -109,6 +110,14 @@ class Protocol:
                             "the methods")
         if protocol.trunk and not (protocol.trunk.get("max_steps") and protocol.branch_steps > 0):
             raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
+        for pair in protocol.pairs:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
+                raise UserError(f"{path}: pairs: expected [A, B] method or variant names, got {pair!r}")
+            from carlrar.methods import METHODS
+
+            unknown = [m for m in pair if m not in METHODS and m not in protocol.variants]
+            if unknown:
+                raise UserError(f"{path}: pairs: {unknown[0]!r} is neither a method nor one of the variants")
         for dataset in protocol.attack_overrides:  # bad keys or values fail here, before any run
             protocol.attack_for(dataset)
         return protocol

@@ -1,0 +1,49 @@
+"""``carlrar report``'s declared pairs: the comparisons a protocol names in ``pairs:`` beside the tables against
+FreeLB, e.g. a diagnostic variant against the baseline that shares its perturbation (``[carl-tuned-wide,
+freelb-wide]``). Each pair: A − B per seed, and the paired bootstrap over the seeds both have."""
+
+from __future__ import annotations
+
+from carlrar.report import NAMES, Grid, correctness, example_cos, md_table, paired_bootstrap
+
+
+def seed_runs(grid: Grid, d: str, a: str, b: str) -> tuple[list[dict], list[dict]]:
+    """A's and B's runs on the seeds both have, in seed order (a pair is compared on the same seeds)."""
+    by_seed = [{r["seed"]: r for r in grid.runs(d, m)} for m in (a, b)]
+    common = sorted(set(by_seed[0]) & set(by_seed[1]))
+    return [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
+
+
+def attack_accuracy(run: dict, eps: float) -> float:
+    return next(x["accuracy"] for x in run["attack"]["attacks"] if x["eps"] == eps)
+
+
+def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
+    """One bootstrap row and one row per seed for each declared pair with runs of both on dataset d."""
+    eps = [x["eps"] for x in grid.attack(d)["attacks"]] if grid.groups else []
+    points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
+    cosines = lambda m, lo, hi: f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
+    rows = []
+    for a, b in pairs:
+        ra, rb = seed_runs(grid, d, a, b)
+        if not ra:
+            continue
+        name = f"{NAMES.get(a, a)} − {NAMES.get(b, b)}"
+        dev = 100 * (sum(r["final"]["dev"]["accuracy"] for r in ra) - sum(r["final"]["dev"]["accuracy"] for r in rb))
+        rows.append([f"**{name}** ({len(ra)} seeds, 95 % CI)", f"{dev / len(ra):+.2f}",
+                     *(points(*paired_bootstrap(correctness(ra, e), correctness(rb, e))) for e in [None, *eps]),
+                     *([cosines(*paired_bootstrap(example_cos(ra, eps[-1]), example_cos(rb, eps[-1])))] if eps else [])])
+        for x, y in zip(ra, rb):  # per seed: the pair's branches share that seed's trunk
+            rows.append([f"{name}, seed {x['seed']}",
+                         f"{100 * (x['final']['dev']['accuracy'] - y['final']['dev']['accuracy']):+.2f}",
+                         f"{100 * (correctness([x], None).mean() - correctness([y], None).mean()):+.2f}",
+                         *(f"{100 * (attack_accuracy(x, e) - attack_accuracy(y, e)):+.2f}" for e in eps),
+                         *([f"{example_cos([x], eps[-1]).mean() - example_cos([y], eps[-1]).mean():+.4f}"] if eps else [])])
+    if not rows:
+        return []
+    return ["", f"## Declared pairs ({d}): A − B, percentage points", "",
+            "The protocol's `pairs:`, each compared on the seeds both have: clean accuracy on all of dev, then on the "
+            "attacked dev examples and under attack, with the paired bootstrap (10,000 draws resampling the examples "
+            "and each method's seeds) and per seed; last, the per-example cos(R, R^adv) difference at the largest ε.",
+            "", *md_table(["pair", "clean dev", "clean (attacked examples)", *(f"ε={e:g}" for e in eps),
+                           *([f"cos, ε={eps[-1]:g}"] if eps else [])], rows)]
