@@ -172,6 +172,16 @@ def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp
                     for c in run_configs(protocol, "sst2", "freelb", 0, tmp_path, {})]
 
 
+def test_carl_tau_is_the_papers_carl_at_carl_tuneds_temperature(tmp_path):
+    """The τ-vs-projection split: carl-tau differs from CARL only in τ, which is carl-tuned's; it is a branch."""
+    protocol = Protocol.load("converged")
+    tau, carl, tuned = ({k: v for c in run_configs(protocol, "sst2", name, 0, tmp_path, {})
+                         for k, v in dataclasses.asdict(c).items()} for name in ("carl-tau", "carl", "carl-tuned"))
+    assert {k for k in carl if carl[k] != tau[k]} == {"carl_temperature", "output_dir"}
+    assert tau["carl_temperature"] == tuned["carl_temperature"] != carl["carl_temperature"]
+    assert tau["init_from"] == str(tmp_path / "sst2-trunk-s0") and "carl-tau" in protocol.branches
+
+
 def test_declared_pairs_must_name_methods_or_variants(tmp_path):
     from carlrar.errors import UserError
     import pytest

@@ -30,15 +30,15 @@ def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
             continue
         name = f"{NAMES.get(a, a)} − {NAMES.get(b, b)}"
         dev = 100 * (sum(r["final"]["dev"]["accuracy"] for r in ra) - sum(r["final"]["dev"]["accuracy"] for r in rb))
+        cos = [cosines(*paired_bootstrap(example_cos(ra, eps[-1]), example_cos(rb, eps[-1])))] if eps else []
         rows.append([f"**{name}** ({len(ra)} seeds, 95 % CI)", f"{dev / len(ra):+.2f}",
-                     *(points(*paired_bootstrap(correctness(ra, e), correctness(rb, e))) for e in [None, *eps]),
-                     *([cosines(*paired_bootstrap(example_cos(ra, eps[-1]), example_cos(rb, eps[-1])))] if eps else [])])
+                     *(points(*paired_bootstrap(correctness(ra, e), correctness(rb, e))) for e in [None, *eps]), *cos])
         for x, y in zip(ra, rb):  # per seed: the pair's branches share that seed's trunk
             rows.append([f"{name}, seed {x['seed']}",
                          f"{100 * (x['final']['dev']['accuracy'] - y['final']['dev']['accuracy']):+.2f}",
                          f"{100 * (correctness([x], None).mean() - correctness([y], None).mean()):+.2f}",
                          *(f"{100 * (attack_accuracy(x, e) - attack_accuracy(y, e)):+.2f}" for e in eps),
-                         *([f"{example_cos([x], eps[-1]).mean() - example_cos([y], eps[-1]).mean():+.4f}"] if eps else [])])
+                         *[f"{example_cos([x], e).mean() - example_cos([y], e).mean():+.4f}" for e in eps[-1:]]])
     if not rows:
         return []
     return ["", f"## Declared pairs ({d}): A − B, percentage points", "",
