@@ -352,3 +352,13 @@ def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_boo
                         "+0.0500 |" for s in (0, 1)]
     assert not any("carl − freelb" in line.lower() for line in lines)  # a pair without runs is left out
     assert pair_section(grid(runs, 3), "toy", [["carl", "freelb"]]) == []
+
+
+def test_declared_pairs_come_from_the_index_else_from_the_protocol_file_if_found(tmp_path):
+    from carlrar.report_pairs import declared_pairs
+
+    assert declared_pairs({"pairs": [["a", "b"]], "source": "converged"}) == [["a", "b"]]
+    assert declared_pairs({"pairs": None}) == []
+    moved = {"source": "/elsewhere/protocols/converged.yaml"}  # another machine's path: the shipped name is found
+    assert ["carl-tuned-wide", "freelb-wide"] in declared_pairs(moved)
+    assert declared_pairs({"source": str(tmp_path / "gone.yaml")}) == [] and declared_pairs({}) == []

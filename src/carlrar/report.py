@@ -362,9 +362,9 @@ def tables(index: dict, runs: list[dict]) -> str:
     # the seeds of every run the index has planned, not only the last command's: a grid run in pieces (--seeds 2,)
     seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
     grid = Grid(grouped(runs), len(seeds))
-    from carlrar.report_pairs import pair_section  # it builds on this module's tables
+    from carlrar.report_pairs import declared_pairs, pair_section  # it builds on this module's tables
 
-    pairs = index["protocol"].get("pairs") or []
+    pairs = declared_pairs(index["protocol"])
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
     lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "

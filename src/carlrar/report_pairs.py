@@ -4,7 +4,25 @@ freelb-wide]``). Each pair: A − B per seed, and the paired bootstrap over the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from carlrar.errors import UserError
 from carlrar.report import NAMES, Grid, correctness, example_cos, md_table, paired_bootstrap
+
+
+def declared_pairs(protocol: dict) -> list[list[str]]:
+    """The index's protocol's ``pairs``; for a results folder from before pairs existed, its protocol file's, if
+    still found (pairs choose what the report shows, not how any run was trained)."""
+    if "pairs" in protocol:
+        return protocol["pairs"] or []
+    from carlrar.reproduce import Protocol
+
+    for name in (protocol.get("source"), Path(protocol.get("source") or "").stem):
+        try:
+            return Protocol.load(name).pairs if name else []
+        except UserError:
+            continue
+    return []
 
 
 def seed_runs(grid: Grid, d: str, a: str, b: str) -> tuple[list[dict], list[dict]]:
