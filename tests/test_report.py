@@ -324,8 +324,10 @@ def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
 def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_bootstrapped(monkeypatch):
     """carl-tuned-wide turns 2 of 20 wrong examples right under every ε and its cos is 0.05 higher; freelb-wide's
     seed 2 (every example right) has no partner and must not count."""
-    monkeypatch.setattr(carlrar.report, "paired_bootstrap", functools.partial(paired_bootstrap, n_boot=500))
+    import carlrar.report_pairs
     from carlrar.report_pairs import pair_section
+
+    monkeypatch.setattr(carlrar.report_pairs, "paired_bootstrap", functools.partial(paired_bootstrap, n_boot=500))
 
     cos = np.linspace(0.2, 0.9, 20)
     runs = [make_run("freelb-wide", s, cos=cos) for s in (0, 1)] + [make_run("carl-tuned-wide", s, cos=cos + 0.05)

@@ -110,11 +110,11 @@ class Protocol:
                             "the methods")
         if protocol.trunk and not (protocol.trunk.get("max_steps") and protocol.branch_steps > 0):
             raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
+        from carlrar.methods import METHODS
+
         for pair in protocol.pairs:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
                 raise UserError(f"{path}: pairs: expected [A, B] method or variant names, got {pair!r}")
-            from carlrar.methods import METHODS
-
             unknown = [m for m in pair if m not in METHODS and m not in protocol.variants]
             if unknown:
                 raise UserError(f"{path}: pairs: {unknown[0]!r} is neither a method nor one of the variants")
