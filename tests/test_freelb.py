@@ -202,3 +202,13 @@ def test_attack_margins_agree_with_predictions_and_with_each_other(trained_tiny)
         assert row["mean_margin_drop"] == pytest.approx(drop, abs=1e-3) and drop > 0  # the attack ascends the loss
         assert row["margin_drop_per_distance"] > 0
     assert result["attacks"][1]["mean_margin_drop"] > result["attacks"][0]["mean_margin_drop"]  # larger ball
+
+
+def test_attack_progress_without_a_terminal_is_a_line_per_quarter(trained_tiny, capsys):
+    model, tok, data = trained_tiny
+    attack_split(model, data, tok.pad_token_id, [0.5], steps=0, batch_size=1, distance_alphas=[0.1])
+    n = len(data)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"attack: batch {k}/{n} ({n} examples, 2 radii)" for k in (n // 4, n // 2, 3 * n // 4, n)], lines
+    attack_split(model, data, tok.pad_token_id, [0.5], steps=0, batch_size=1, progress=False)
+    assert capsys.readouterr().err == ""
