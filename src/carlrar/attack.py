@@ -96,7 +96,7 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
     batches = eval_batches(encoded.lengths, batch_size)
     bar = tqdm(total=len(batches) * len(runs), desc="attack", disable=not (progress and sys.stderr.isatty()),
                leave=False)
-    for k, idx in enumerate(batches, 1):
+    for done, idx in enumerate(batches, 1):
         b = collate([encoded[i] for i in idx])
         where = b["index"]  # results are gathered on the CPU; the batch goes to the model's device
         ids, mask, y = (b[k].to(model.device) for k in ("input_ids", "attention_mask", "labels"))
@@ -113,8 +113,8 @@ def attack_split(model, encoded: EncodedSplit, pad_token_id: int, eps: list[floa
             cos[r][where] = F.cosine_similarity(clean.R, adv.R, dim=-1).cpu()
             dist[r][where] = (clean.R - adv.R).norm(dim=-1).cpu()
             bar.update(1)
-        if progress and bar.disable and 4 * k // len(batches) > 4 * (k - 1) // len(batches):  # a log sees quarters
-            print(f"attack: batch {k}/{len(batches)} ({n} examples, {len(runs)} radii)", file=sys.stderr, flush=True)
+        if progress and bar.disable and 4 * done // len(batches) > 4 * (done - 1) // len(batches):  # a log: quarters
+            print(f"attack: batch {done}/{len(batches)} ({n} examples, {len(runs)} radii)", file=sys.stderr, flush=True)
     bar.close()
     model.train(was_training)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from carlrar.errors import UserError
-from carlrar.report import NAMES, Grid, correctness, example_cos, md_table, paired_bootstrap
+from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap
 
 
 def declared_pairs(protocol: dict) -> list[list[str]]:
@@ -32,15 +32,12 @@ def seed_runs(grid: Grid, d: str, a: str, b: str) -> tuple[list[dict], list[dict
     return [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
 
 
-def attack_accuracy(run: dict, eps: float) -> float:
-    return next(x["accuracy"] for x in run["attack"]["attacks"] if x["eps"] == eps)
-
-
 def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
     """One bootstrap row and one row per seed for each declared pair with runs of both on dataset d."""
-    eps = [x["eps"] for x in grid.attack(d)["attacks"]] if grid.groups else []
+    eps = [x["eps"] for x in grid.attack(d)["attacks"]]
     points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     cosines = lambda m, lo, hi: f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
+    under = lambda run, e: find(run["attack"]["attacks"], "eps", e)["accuracy"]  # noqa: E731
     rows = []
     for a, b in pairs:
         ra, rb = seed_runs(grid, d, a, b)
@@ -55,7 +52,7 @@ def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
             rows.append([f"{name}, seed {x['seed']}",
                          f"{100 * (x['final']['dev']['accuracy'] - y['final']['dev']['accuracy']):+.2f}",
                          f"{100 * (correctness([x], None).mean() - correctness([y], None).mean()):+.2f}",
-                         *(f"{100 * (attack_accuracy(x, e) - attack_accuracy(y, e)):+.2f}" for e in eps),
+                         *(f"{100 * (under(x, e) - under(y, e)):+.2f}" for e in eps),
                          *[f"{example_cos([x], e).mean() - example_cos([y], e).mean():+.4f}" for e in eps[-1:]]])
     if not rows:
         return []
