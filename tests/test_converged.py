@@ -186,7 +186,8 @@ def test_declared_pairs_must_name_methods_or_variants(tmp_path):
     from carlrar.errors import UserError
     import pytest
 
-    assert Protocol.load("converged").pairs[-1] == ["carl-tuned-wide", "freelb-wide"]
+    pairs = Protocol.load("converged").pairs
+    assert ["carl-tuned-wide", "freelb-wide"] in pairs and ["rar-warm", "freelb"] in pairs
     for pairs, message in (([["carl", "nope"]], "'nope' is neither a method nor one of the variants"),
                            ([["carl"]], "expected [A, B]")):
         path = tmp_path / "p.yaml"
