@@ -22,4 +22,8 @@ studies=$results/search-s$seed
 "$carlrar" search --study-dir "$studies/freelb" --method freelb --params adv_lr,adv_init_mag,adv_max_norm "${common[@]}"
 "$carlrar" search --study-dir "$studies/carl" --method carl --params carl_weight_ratio,carl_temperature,carl_proj_dim \
   --carl_start_step 750 --carl_negatives 1900 "${common[@]}"
-"$carlrar" search --study-dir "$studies/rar" --method rar --params rar_weight,rar_ascent "${common[@]}"
+# RAR's search tunes on top of the RAR family's choice on validation, rar-warm (the reconstructor warmed for 300
+# batches on the trunk's clean token states: MiniLM has no MLM head, the paper's ALBERT has one), as CARL's kept
+# FreeLB's knobs; decided before the RAR study's first trial.
+"$carlrar" search --study-dir "$studies/rar" --method rar --params rar_weight,rar_ascent --rar_warmup_steps 300 \
+  "${common[@]}"

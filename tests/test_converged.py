@@ -81,6 +81,43 @@ def test_a_done_trunk_whose_checkpoint_is_gone_is_trained_again_only_for_a_pendi
     assert carl["branch"] == carl_before["branch"] and carl["final"]["steps"] == carl_before["final"]["steps"]
 
 
+def test_a_retrained_trunk_interrupted_mid_way_is_finished_before_any_branch_starts_from_it(
+        tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """A new machine retrains a done trunk for a pending branch and is killed after the trunk's step-2 checkpoint (of
+    4): the next sitting must finish the trunk (resuming it) and branch at step 4, not branch from step 2."""
+    import shutil
+
+    import pytest
+
+    import carlrar.train
+
+    protocol = write_branch_protocol(tmp_path / "p.yaml", tiny_model_dir, toy_files)
+    results = tmp_path / "results"
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    shutil.rmtree(results / "models")
+    (results / "runs" / "toy-carl-s0.json").unlink()
+    real_save = carlrar.train.save_checkpoint
+
+    def killed_after_step_2(accelerator, out, model, method, state):
+        real_save(accelerator, out, model, method, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(carlrar.train, "save_checkpoint", killed_after_step_2)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    state = json.loads((results / "models" / "toy-trunk-s0" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and (results / "trunks" / "toy-trunk-s0.json").exists()  # still "done" from before
+    monkeypatch.setattr(carlrar.train, "save_checkpoint", real_save)
+    trained = []
+    real = carlrar.train.train
+    monkeypatch.setattr(carlrar.train, "train", lambda *c, **kw: trained.append(c[0].method) or real(*c, **kw))
+    main(["reproduce", "--protocol", str(protocol), "--results", str(results)])
+    assert trained == ["freelb", "carl"]  # the trunk finished first
+    carl = json.loads((results / "runs" / "toy-carl-s0.json").read_text())
+    assert carl["branch"] == {"trunk": "toy-trunk-s0", "step": 4}
+
+
 def test_the_converged_protocol_on_agnews_and_sst2(tmp_path):
     """AG News: the same 750 + 250 steps as 3 + 1 epochs of 4,000 at the preset's batch 16 and FreeLB knobs, m
     scaled to the bank, k-PGD on a seeded 500 of dev's 2,000; SST-2's runs as they were."""

@@ -85,6 +85,24 @@ def test_cos_bootstrap_of_a_constant_shift_and_every_variant_in_order(monkeypatc
     assert accuracy_rows == comparisons  # the accuracy bootstrap compares the same methods
 
 
+def test_bootstrap_vs_freelb_is_on_the_seeds_both_methods_have_and_says_which(monkeypatch):
+    """FreeLB's seeds 1 and 2 get every example right, seed 0 half of them; CARL ran seed 0 only, exactly as FreeLB's
+    seed 0. Compared on the shared seed the difference is 0 in every draw; over FreeLB's three seeds it would be
+    about −33 points. A method with no seed in common (rar, seed 3) has no row rather than an unpaired one."""
+    monkeypatch.setattr(carlrar.report, "paired_bootstrap", functools.partial(paired_bootstrap, n_boot=300))
+    runs = [make_run("freelb", s) for s in (0, 1, 2)] + [make_run("carl", 0), make_run("rar", 3)]
+    for run in runs[1:3]:
+        run["per_example"]["clean_correct"] = [1] * 20
+        for a in run["per_example"]["attacks"]:
+            a["correct"] = [1] * 20
+    lines = bootstrap_tables(grid(runs, 3), "toy")
+    zero = "+0.00 [+0.00, +0.00]"
+    assert row(lines, "CARL − FreeLB (seed 0)") == f"| CARL − FreeLB (seed 0) | {zero} | {zero} | {zero} | {zero} |"
+    assert not any(line.startswith("| RAR − FreeLB") for line in lines)
+    both = grid([*runs[:3], *(make_run("carl", s) for s in (0, 1, 2))], 3)  # every seed shared: no seed list
+    assert row(bootstrap_tables(both, "toy"), "CARL − FreeLB").startswith("| CARL − FreeLB | -33.33 [")
+
+
 def test_cos_bootstrap_ci_excludes_zero_when_seeds_differ():
     rng = np.random.default_rng(0)
     common = rng.uniform(0.3, 0.9, 40)  # how hard each example is

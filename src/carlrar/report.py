@@ -8,7 +8,7 @@ Writes RESULTS/report.md and RESULTS/*.png:
 - Table 4b (extra, not the paper's definition): the same after k unprojected steps of size α.
 - Table 5: accuracy under k-PGD per ε. Table 7: parameter counts (ours, and ALBERT-base built from its config).
 - Paired bootstrap 95 % CIs of every method − FreeLB, for accuracy and per-example cos(R, R^adv): dev examples
-  resampled with replacement (the same for both methods), and each method's seeds. When a protocol attacked a
+  resampled with replacement (the same for both methods), and each method's seeds, on the seeds both have. When a protocol attacked a
   seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
 - Diagnostics (``report_diagnostics``): ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in
   the first 50 steps after the auxiliary term starts; Margins: the clean logit margin and the drop per unit of
@@ -240,14 +240,31 @@ def table5(grid: Grid, d: str) -> list[str]:
             *md_table(["method", "clean", *(f"ε={e:g}" for e in eps)], rows)]
 
 
+def seed_runs(grid: Grid, d: str, a: str, b: str) -> tuple[list[dict], list[dict]]:
+    """A's and B's runs on the seeds both have, in seed order: a method is compared with another on the same seeds
+    (in a branch protocol a seed's branches share its trunk; a seed only one method has would pair nothing)."""
+    by_seed = [{r["seed"]: r for r in grid.runs(d, m)} for m in (a, b)]
+    common = sorted(set(by_seed[0]) & set(by_seed[1]))
+    return [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
+
+
+def seeds_label(runs: list[dict], n_seeds: int) -> str:
+    """`` (seeds 0, 2)`` when a comparison covers fewer seeds than the grid has, else nothing."""
+    return f" (seed{'s' * (len(runs) > 1)} {', '.join(str(r['seed']) for r in runs)})" if len(runs) < n_seeds else ""
+
+
 def bootstrap_rows(grid: Grid, d: str, columns: list, values: Callable[[list[dict], float | None], np.ndarray],
                    fmt: Callable[[float, float, float], str], reference: str = "freelb") -> list[list[str]]:
     """One row per method − the reference (every method of the grid but the reference, in ``Grid.methods`` order):
-    the paired bootstrap of ``values(runs, column)`` (seeds × examples) per column."""
-    base = grid.runs(d, reference)
-    return [[f"{NAMES.get(m, m)} − {NAMES.get(reference, reference)}",
-             *(fmt(*paired_bootstrap(values(grid.runs(d, m), c), values(base, c))) for c in columns)]
-            for m in grid.methods if m != reference and grid.runs(d, m)]
+    the paired bootstrap of ``values(runs, column)`` (seeds × examples) per column, on the seeds both have (named
+    in the row where fewer than the grid's); a method sharing no seed with the reference has no row."""
+    rows = []
+    for m in grid.methods:
+        ra, rb = seed_runs(grid, d, m, reference) if m != reference else ([], [])
+        if ra:
+            rows.append([f"{NAMES.get(m, m)} − {NAMES.get(reference, reference)}{seeds_label(ra, grid.n_seeds)}",
+                         *(fmt(*paired_bootstrap(values(ra, c), values(rb, c))) for c in columns)])
+    return rows
 
 
 def bootstrap_tables(grid: Grid, d: str) -> list[str]:
@@ -260,7 +277,7 @@ def bootstrap_tables(grid: Grid, d: str) -> list[str]:
     heads = [f"ε={e:g}" for e in eps]
     return ["", f"## Paired bootstrap ({d}): accuracy difference vs FreeLB, percentage points, 95 % CI", "",
             "10,000 draws, each resampling the attacked dev examples (paired: the same for both methods) and each "
-            "method's seeds.", "", *md_table(["comparison", "clean", *heads],
+            "method's seeds, on the seeds both methods have (named where fewer than the grid's).", "", *md_table(["comparison", "clean", *heads],
                                     bootstrap_rows(grid, d, [None, *eps], correctness, points)),
             "", f"## Paired bootstrap ({d}): cos(R, R^adv) difference vs FreeLB after k-PGD projected to radius ε, "
             "95 % CI", "", "Per dev example, resampled as above; positive: the method's representation turns less "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from carlrar.errors import UserError
-from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap
+from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap, seed_runs
 
 
 def declared_pairs(protocol: dict) -> list[list[str]]:
@@ -23,13 +23,6 @@ def declared_pairs(protocol: dict) -> list[list[str]]:
         except UserError:
             continue
     return []
-
-
-def seed_runs(grid: Grid, d: str, a: str, b: str) -> tuple[list[dict], list[dict]]:
-    """A's and B's runs on the seeds both have, in seed order (a pair is compared on the same seeds)."""
-    by_seed = [{r["seed"]: r for r in grid.runs(d, m)} for m in (a, b)]
-    common = sorted(set(by_seed[0]) & set(by_seed[1]))
-    return [by_seed[0][s] for s in common], [by_seed[1][s] for s in common]
 
 
 def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:

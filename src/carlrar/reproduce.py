@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 from carlrar.attack import AttackConfig
+from carlrar.checkpoint import CHECKPOINT, STATE
 from carlrar.config import (PRESETS, Limits, TrainConfig, check, coerce_options, config_field, from_mappings,
                             read_yaml)
 from carlrar.errors import UserError
@@ -334,12 +335,19 @@ def reproduce(protocol: Protocol, results: Path, extra: dict | None = None, keep
     return index
 
 
-def trunk_checkpoint_lost(results: Path, configs: dict, grid: list, name: str, dataset: str, seed: int) -> bool:
-    """A done trunk whose checkpoint/ is gone while a branch of its dataset and seed in this grid is not done."""
-    if (Path(configs[name][0].output_dir) / "checkpoint").exists():
-        return False
-    return any(not (results / "runs" / f"{n}.json").exists() for n, (d, m, s) in zip(configs, grid)
-               if (d, s) == (dataset, seed) and configs[n][0].init_from == configs[name][0].output_dir)
+def trunk_unfinished(results: Path, configs: dict, grid: list, name: str, dataset: str, seed: int) -> str | None:
+    """Why a done trunk must train again, or None: its checkpoint/ is gone (models/ is not kept across machines) or
+    stops short of the trunk's steps (a retrain interrupted), while a branch of its dataset and seed in this grid is
+    not done. Training it again resumes from whatever checkpoint it has; a branch never starts mid-trunk."""
+    cfg = configs[name][0]
+    state = Path(cfg.output_dir) / CHECKPOINT / STATE
+    step = json.loads(state.read_text()).get("step", 0) if state.is_file() else None
+    if step is not None and step >= cfg.max_steps:
+        return None
+    pending = any(not (results / "runs" / f"{n}.json").exists() for n, (d, m, s) in zip(configs, grid)
+                  if (d, s) == (dataset, seed) and configs[n][0].init_from == cfg.output_dir)
+    return None if not pending else "its checkpoint is gone" if step is None else \
+        f"its checkpoint stops at step {step} of {cfg.max_steps}"
 
 
 def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra: dict, keep_checkpoints: bool,
@@ -352,9 +360,10 @@ def run_grid(protocol: Protocol, results: Path, configs: dict, grid: list, extra
     (results / "trunks").mkdir(exist_ok=True)
     for name, (d, m, s) in zip(configs, grid):
         done = (results / ("trunks" if m == "trunk" else "runs") / f"{name}.json").exists()
-        if done and m == "trunk" and trunk_checkpoint_lost(results, configs, grid, name, d, s):
-            done = False  # models/ is not kept across machines: retrain it (same seed) for its pending branches
-            say(f"{name}: done, but its checkpoint is gone and a branch still needs it; training it again")
+        why = done and m == "trunk" and trunk_unfinished(results, configs, grid, name, d, s)
+        if why:
+            done = False  # trained again (same seed; resuming its checkpoint if any) for its pending branches
+            say(f"{name}: done, but {why} and a branch still needs it; training it again")
         entry = index["runs"].get(name, {})
         status = entry.get("status", "pending")
         index["runs"][name] = {**entry, "dataset": d, "method": m, "seed": s,  # done means: its JSON exists
