@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import carlrar.report
+import carlrar.report_families
 from carlrar.errors import UserError
 from carlrar.report import (Grid, aux_start, bootstrap_tables, diagnostics_section, grouped, paired_bootstrap, table2,
                             table4, table4b, tables)
@@ -252,11 +253,11 @@ def test_each_familys_best_variant_is_chosen_on_validation_never_on_dev():
             run = make_run(name, seed, config={"method": family})
             run["final"].update(validation={"accuracy": v}, dev={"accuracy": dev})
             runs.append(run)
-    best = carlrar.report.family_best(grid(runs), "toy")
+    best = carlrar.report_families.family_best(grid(runs), "toy")
     assert [(m, round(v, 4), n) for m, v, n in best["carl"]] == [("carl", 0.81, 2), ("carl-proj", 0.81, 2),
                                                                  ("carl-balanced", 0.80, 2)]
     assert [m for m, _, _ in best["rar"]] == ["rar-warm", "rar"]
-    lines = carlrar.report.family_tables(grid(runs), "toy")
+    lines = carlrar.report_families.family_tables(grid(runs), "toy")
     assert row(lines, "CARL") == "| CARL | CARL 81.00 (2), carl-proj 81.00 (2), carl-balanced 80.00 (2) | CARL |"
     assert row(lines, "RAR") == "| RAR | rar-warm 71.00 (2), RAR 70.00 (2) | rar-warm |"
     assert [line.split(" |")[0] for line in lines if "− FreeLB |" in line] == ["| CARL − FreeLB", "| rar-warm − FreeLB"]
@@ -304,7 +305,7 @@ def test_a_tuned_freelb_that_wins_on_validation_is_a_second_reference():
             run = make_run(name, seed, config={"method": family})
             run["final"].update(validation={"accuracy": validation})
             runs.append(run)
-    lines = carlrar.report.family_tables(grid(runs), "toy")
+    lines = carlrar.report_families.family_tables(grid(runs), "toy")
     assert row(lines, "FreeLB") == "| FreeLB | freelb-tuned 91.00 (2), FreeLB 90.00 (2) | freelb-tuned |"
     assert [line.split(" |")[0] for line in lines if line.startswith("| carl-proj −")] == [
         "| carl-proj − FreeLB", "| carl-proj − freelb-tuned"]
@@ -326,7 +327,7 @@ def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
             run["final"].update(validation={"accuracy": validation})
             run["validation_attack"] = [{"eps": 0.1, "accuracy": robust[seed]}] if robust[seed] else None
             runs.append(run)
-    lines = carlrar.report.family_tables(grid(runs), "toy")
+    lines = carlrar.report_families.family_tables(grid(runs), "toy")
     assert row(lines, "FreeLB") == ("| FreeLB | freelb-tuned 91.00 (2), FreeLB 90.00 (2) | freelb-tuned | "
                                     "FreeLB 76.00 (2), freelb-tuned 74.00 (2) | FreeLB |")
     assert row(lines, "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj | CARL 71.00 (2) | CARL |"
@@ -336,7 +337,7 @@ def test_family_choice_under_attack_on_validation_beside_the_clean_rule():
         "| CARL − FreeLB", "| carl-proj − FreeLB", "| CARL − freelb-tuned", "| carl-proj − freelb-tuned"]
     for run in runs:
         run["validation_attack"] = None
-    assert row(carlrar.report.family_tables(grid(runs), "toy"), "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj |"
+    assert row(carlrar.report_families.family_tables(grid(runs), "toy"), "CARL") == "| CARL | carl-proj 82.00 (2), CARL 80.00 (2) | carl-proj |"
 
 
 def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_bootstrapped(monkeypatch):

@@ -10,6 +10,8 @@ Writes RESULTS/report.md and RESULTS/*.png:
 - Paired bootstrap 95 % CIs of every method − FreeLB, for accuracy and per-example cos(R, R^adv): dev examples
   resampled with replacement (the same for both methods), and each method's seeds, on the seeds both have. When a protocol attacked a
   seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
+- Each family's variant chosen on validation, clean and under attack (``report_families``); the protocol's declared
+  pairs (``report_pairs``).
 - Diagnostics (``report_diagnostics``): ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in
   the first 50 steps after the auxiliary term starts; Margins: the clean logit margin and the drop per unit of
   ‖R − R^adv‖, which say why Table 4 need not become Table 5. Figures: ``report_plots``.
@@ -285,69 +287,6 @@ def bootstrap_tables(grid: Grid, d: str) -> list[str]:
             *md_table(["comparison", *heads], bootstrap_rows(grid, d, eps, example_cos, cosines))]
 
 
-def validation_accuracy(run: dict) -> float | None:
-    return (run["final"].get("validation") or {}).get("accuracy")
-
-
-def robust_validation_accuracy(run: dict) -> float | None:
-    return run["validation_attack"][0]["accuracy"] if run.get("validation_attack") else None
-
-
-def family_best(grid: Grid, d: str, get: Callable[[dict], float | None] = validation_accuracy
-                ) -> dict[str, list[tuple[str, float, int]]]:
-    """The converged protocol's selection rule: within each family (the registered method its variants run:
-    ``freelb``, ``carl``, ``rar``, ``carl-rar``) the variant with the highest mean validation accuracy over its seeds,
-    ties to the paper's default (the variant named as the method). Family → candidates (name, mean validation,
-    seeds), the chosen first. Variants without a validation split are left out: dev never chooses. ``get``: what is
-    compared (clean validation accuracy, the rule; or accuracy under attack on validation, where measured)."""
-    families: dict[str, list[tuple[str, float, int]]] = {}
-    for m in [m for m in grid.methods if grid.runs(d, m)]:  # another dataset's methods may have no run here
-        runs = grid.runs(d, m)
-        family = runs[0]["config"].get("method", m)
-        accuracies = [get(r) for r in runs]
-        if family in ("base", "pgd", "fgm") or None in accuracies:
-            continue
-        families.setdefault(family, []).append((m, statistics.mean(accuracies), len(runs)))
-    return {f: sorted(c, key=lambda x: (-x[1], x[0] != f)) for f, c in families.items()}
-
-
-def family_tables(grid: Grid, d: str) -> list[str]:
-    """Each family's variant chosen on validation (clean, and under attack where measured), and their paired
-    bootstraps (dev) vs the protocol's FreeLB and, when the FreeLB family chose another variant (a tuned FreeLB that
-    wins on clean validation), vs that one too: a gain counts only against both, since a baseline tuned for clean
-    accuracy may be the weaker one under attack. The issue's goal is stated for the best variant, and choosing it on
-    dev would flatter it."""
-    best, robust = family_best(grid, d), family_best(grid, d, robust_validation_accuracy)
-    if not grid.runs(d, "freelb") or not any(len(c) > 1 for c in best.values()):
-        return []
-    # both rules' choices are bootstrapped, against the protocol's FreeLB and each rule's FreeLB choice
-    references = list(dict.fromkeys(["freelb", *(rule["freelb"][0][0] for rule in (best, robust) if "freelb" in rule)]))
-    picks = {c[0][0] for rule in (best, robust) for c in rule.values()}
-    chosen = Grid({k: v for k, v in grid.groups.items() if k[1] in {*references, *picks}}, grid.n_seeds)
-    eps = [a["eps"] for a in grid.attack(d)["attacks"]]
-    points = lambda mean, lo, hi: f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
-    ranked = lambda c: ", ".join(f"{NAMES.get(m, m)} {100 * v:.2f} ({n})" for m, v, n in c)  # noqa: E731
-    listed = [[NAMES.get(f, f), ranked(c), NAMES.get(c[0][0], c[0][0]),
-               *([ranked(robust.get(f, [])), NAMES.get(robust[f][0][0], robust[f][0][0]) if f in robust else "–"]
-                 if robust else [])] for f, c in best.items()]
-    under = next(r["validation_attack"][0]["eps"] for rs in grid.groups.values() for r in rs
-                 if r.get("validation_attack")) if robust else None
-    lines = ["", f"## Best variant per family ({d}), chosen on validation", "",
-             "Mean validation accuracy over seeds (seeds in brackets); highest wins, ties to the paper's default. "
-             "Dev below is reported, never used to choose." + (
-                 f" Beside it, for robustness claims, the same rule on validation accuracy under k-PGD at ε = "
-                 f"{under:g} (runs measured with `carlrar attack --split validation` into RESULTS/validation/; a "
-                 "variant counts where every seed was measured); the bootstraps below cover both rules' choices."
-                 if robust else ""), "",
-             *md_table(["family", "variants: validation % (seeds)", "chosen",
-                        *(["under attack: validation % (seeds)", "chosen under attack"] if robust else [])], listed)]
-    for reference in references:
-        lines += ["", *md_table([f"chosen − {NAMES.get(reference, reference)} (dev, 95 % CI)", "clean",
-                                 *(f"ε={e:g}" for e in eps)],
-                                bootstrap_rows(chosen, d, [None, *eps], correctness, points, reference))]
-    return lines
-
-
 def table7(grid: Grid) -> list[str]:
     albert = albert_parameter_counts()
     rows = []
@@ -379,7 +318,8 @@ def tables(index: dict, runs: list[dict]) -> str:
     # the seeds of every run the index has planned, not only the last command's: a grid run in pieces (--seeds 2,)
     seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
     grid = Grid(grouped(runs), len(seeds))
-    from carlrar.report_pairs import declared_pairs, pair_section  # it builds on this module's tables
+    from carlrar.report_families import family_tables  # these build on this module's tables
+    from carlrar.report_pairs import declared_pairs, pair_section
 
     pairs = declared_pairs(index["protocol"])
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported

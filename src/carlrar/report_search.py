@@ -45,7 +45,7 @@ def search_rows(path: Path, runs: list[dict]) -> list[str] | None:
         return None
     best = max(complete, key=lambda t: t["value"])
     robust = "clean_accuracy" in best  # the robust objective keeps the clean accuracy beside its value
-    from carlrar.report import validation_accuracy
+    from carlrar.report_families import validation_accuracy
 
     default = default_run(runs, method, seed)
     default_val = validation_accuracy(default) if default else None
