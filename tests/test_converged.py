@@ -231,3 +231,16 @@ def test_declared_pairs_must_name_methods_or_variants(tmp_path):
         path.write_text(yaml.safe_dump({"methods": ["carl"], "pairs": pairs}))
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
             Protocol.load(str(path))
+
+
+def test_selection_seeds_are_the_seeds_the_family_rule_was_declared_on(tmp_path):
+    from carlrar.errors import UserError
+    import pytest
+
+    assert Protocol.load("converged").selection_seeds == [0, 1, 2]
+    assert Protocol.load("cpu").selection_seeds == []  # not declared: every seed counts
+    for seeds in (["0"], [True], [0.5]):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"methods": ["carl"], "selection_seeds": seeds}))
+        with pytest.raises(UserError, match="selection_seeds: expected a list of integer seeds"):
+            Protocol.load(str(path))

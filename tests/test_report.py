@@ -265,6 +265,26 @@ def test_each_familys_best_variant_is_chosen_on_validation_never_on_dev():
     assert row(lines, "rar-warm − FreeLB").count("+0.00 [+0.00, +0.00]") == 4
 
 
+def test_the_family_rule_ranks_on_the_protocols_selection_seeds_only():
+    """carl-proj later runs on seed 2 too, where it scores 99 %: with selection_seeds [0, 1] it is still ranked on
+    seeds 0-1 (80.5 < carl's 81.0) and carl stays the choice; without, its three-seed mean (86.67) would win."""
+    runs = [make_run("freelb", s) for s in (0, 1, 2)]
+    for name, validation in (("carl", (0.80, 0.82)), ("carl-proj", (0.80, 0.81, 0.99))):
+        for seed, v in enumerate(validation):
+            run = make_run(name, seed, config={"method": "carl"})
+            run["final"].update(validation={"accuracy": v})
+            runs.append(run)
+    ranked = lambda seeds: [(m, round(v, 4), n) for m, v, n in  # noqa: E731
+                            carlrar.report_families.family_best(grid(runs, 3), "toy", seeds=seeds)["carl"]]
+    assert ranked([0, 1]) == [("carl", 0.81, 2), ("carl-proj", 0.805, 2)]
+    assert ranked(None) == [("carl-proj", 0.8667, 3), ("carl", 0.81, 2)]
+    lines = carlrar.report_families.family_tables(grid(runs, 3), "toy", [0, 1])
+    assert row(lines, "CARL") == "| CARL | CARL 81.00 (2), carl-proj 80.50 (2) | CARL |"
+    assert "only seeds 0, 1, the protocol's `selection_seeds`" in "\n".join(lines)
+    # the chosen variant's bootstrap vs FreeLB still uses every seed both have
+    assert "| CARL − FreeLB (seeds 0, 1) |" in "\n".join(lines)
+
+
 def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     """One row per study: completed trials, the best objective and the median over completed trials, the best trial's
     clean accuracy and knobs, and the grid's default run's clean validation; studies with nothing completed left out."""
@@ -376,10 +396,12 @@ def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_boo
 
 
 def test_declared_pairs_come_from_the_index_else_from_the_protocol_file_if_found(tmp_path):
-    from carlrar.report_pairs import declared_pairs
+    from carlrar.report_pairs import declared, declared_pairs
 
     assert declared_pairs({"pairs": [["a", "b"]], "source": "converged"}) == [["a", "b"]]
     assert declared_pairs({"pairs": None}) == []
     moved = {"source": "/elsewhere/protocols/converged.yaml"}  # another machine's path: the shipped name is found
     assert ["carl-tuned-wide", "freelb-wide"] in declared_pairs(moved)
     assert declared_pairs({"source": str(tmp_path / "gone.yaml")}) == [] and declared_pairs({}) == []
+    assert declared({"source": "converged"}, "selection_seeds") == [0, 1, 2]  # a results folder from before the key
+    assert declared({"selection_seeds": [0], "source": "converged"}, "selection_seeds") == [0]

@@ -319,16 +319,16 @@ def tables(index: dict, runs: list[dict]) -> str:
     seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
     grid = Grid(grouped(runs), len(seeds))
     from carlrar.report_families import family_tables  # these build on this module's tables
-    from carlrar.report_pairs import declared_pairs, pair_section
+    from carlrar.report_pairs import declared, declared_pairs, pair_section
 
-    pairs = declared_pairs(index["protocol"])
+    pairs, selection = declared_pairs(index["protocol"]), declared(index["protocol"], "selection_seeds")
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
     lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
-                  *bootstrap_tables(grid, d), *family_tables(grid, d), *pair_section(grid, d, pairs),
+                  *bootstrap_tables(grid, d), *family_tables(grid, d, selection), *pair_section(grid, d, pairs),
                   *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "

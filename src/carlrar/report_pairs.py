@@ -10,19 +10,23 @@ from carlrar.errors import UserError
 from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap, seed_runs
 
 
-def declared_pairs(protocol: dict) -> list[list[str]]:
-    """The index's protocol's ``pairs``; for a results folder from before pairs existed, its protocol file's, if
-    still found (pairs choose what the report shows, not how any run was trained)."""
-    if "pairs" in protocol:
-        return protocol["pairs"] or []
+def declared(protocol: dict, key: str) -> list:
+    """The index's protocol's ``key`` (``pairs``, ``selection_seeds``); for a results folder from before the key
+    existed, its protocol file's, if still found (these choose what the report shows, not how any run was trained)."""
+    if key in protocol:
+        return protocol[key] or []
     from carlrar.reproduce import Protocol
 
     for name in (protocol.get("source"), Path(protocol.get("source") or "").stem):
         try:
-            return Protocol.load(name).pairs if name else []
+            return getattr(Protocol.load(name), key) if name else []
         except UserError:
             continue
     return []
+
+
+def declared_pairs(protocol: dict) -> list[list[str]]:
+    return declared(protocol, "pairs")
 
 
 def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:

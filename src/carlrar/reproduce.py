@@ -86,6 +86,9 @@ class Protocol:
     branch_steps: int = 0
     text_attack: TextAttackConfig | None = None  # TextAttack recipes (and RAR's samples) on a subset of dev
     pairs: list = dataclasses.field(default_factory=list)  # [A, B]: `carlrar report` adds A − B beside A − FreeLB
+    # the seeds `carlrar report`'s family rule averages validation over (empty: each variant's all): a protocol that
+    # later runs some methods on more seeds keeps the rule it declared on the seeds every variant has
+    selection_seeds: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
@@ -104,6 +107,7 @@ class Protocol:
                        source=str(path), variants=data.get("variants") or {},
                        trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
                        branch_steps=int(data.get("branch_steps") or 0), pairs=list(data.get("pairs") or []),
+                       selection_seeds=list(data.get("selection_seeds") or []),
                        text_attack=TextAttackConfig.from_dict(data["text_attack"], f"{path}: text_attack")
                        if data.get("text_attack") else None)
         if protocol.text_attack and protocol.text_attack.rar_samples not in (None, *protocol.methods):
@@ -119,6 +123,8 @@ class Protocol:
             unknown = [m for m in pair if m not in METHODS and m not in protocol.variants]
             if unknown:
                 raise UserError(f"{path}: pairs: {unknown[0]!r} is neither a method nor one of the variants")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in protocol.selection_seeds):
+            raise UserError(f"{path}: selection_seeds: expected a list of integer seeds")
         for dataset in protocol.attack_overrides:  # bad keys or values fail here, before any run
             protocol.attack_for(dataset)
         return protocol
