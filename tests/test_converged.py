@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import pytest
 import yaml
 
 from carlrar.cli import main
@@ -217,6 +218,24 @@ def test_carl_tau_is_the_papers_carl_at_carl_tuneds_temperature(tmp_path):
     assert {k for k in carl if carl[k] != tau[k]} == {"carl_temperature", "output_dir"}
     assert tau["carl_temperature"] == tuned["carl_temperature"] != carl["carl_temperature"]
     assert tau["init_from"] == str(tmp_path / "sst2-trunk-s0") and "carl-tau" in protocol.branches
+
+
+def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
+    """freelb-strong / freelb-stronger: the SST-2 FreeLB's step α and initial radius γ times 1.5 and 2, ε and n as
+    the protocol's; branches of the same trunk, compared with carl-tuned as declared pairs."""
+    protocol = Protocol.load("converged")
+    def settings(name):
+        configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
+        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+    freelb = settings("freelb")
+    for name, scale in (("freelb-strong", 1.5), ("freelb-stronger", 2.0)):
+        b = settings(name)
+        assert {k for k in freelb if freelb[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
+        scaled = (scale * freelb["adv_lr"], scale * freelb["adv_init_mag"])
+        assert (b["adv_lr"], b["adv_init_mag"]) == pytest.approx(scaled)
+        assert b["init_from"] == str(tmp_path / "sst2-trunk-s0") and name in protocol.branches
+        assert ["carl-tuned", name] in protocol.pairs
 
 
 def test_declared_pairs_must_name_methods_or_variants(tmp_path):
