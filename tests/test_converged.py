@@ -221,15 +221,15 @@ def test_carl_tau_is_the_papers_carl_at_carl_tuneds_temperature(tmp_path):
 
 
 def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
-    """freelb-strong / freelb-stronger: the SST-2 FreeLB's step α and initial radius γ times 1.5 and 2, ε and n as
-    the protocol's; branches of the same trunk, compared with carl-tuned as declared pairs."""
+    """freelb-strong / -stronger / -strongest: the SST-2 FreeLB's step α and initial radius γ times 1.5, 2 and 3,
+    ε and n as the protocol's; branches of the same trunk, compared with carl-tuned as declared pairs."""
     protocol = Protocol.load("converged")
     def settings(name):
         configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
         return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
 
     freelb = settings("freelb")
-    for name, scale in (("freelb-strong", 1.5), ("freelb-stronger", 2.0)):
+    for name, scale in (("freelb-strong", 1.5), ("freelb-stronger", 2.0), ("freelb-strongest", 3.0)):
         b = settings(name)
         assert {k for k in freelb if freelb[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
         scaled = (scale * freelb["adv_lr"], scale * freelb["adv_init_mag"])
