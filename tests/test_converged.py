@@ -224,6 +224,7 @@ def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
     """freelb-strong / -stronger / -strongest: the SST-2 FreeLB's step α and initial radius γ times 1.5, 2 and 3,
     ε and n as the protocol's; branches of the same trunk, compared with carl-tuned as declared pairs."""
     protocol = Protocol.load("converged")
+
     def settings(name):
         configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
         return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
@@ -240,7 +241,6 @@ def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
 
 def test_declared_pairs_must_name_methods_or_variants(tmp_path):
     from carlrar.errors import UserError
-    import pytest
 
     pairs = Protocol.load("converged").pairs
     assert ["carl-tuned-wide", "freelb-wide"] in pairs and ["rar-warm", "freelb"] in pairs
@@ -254,7 +254,6 @@ def test_declared_pairs_must_name_methods_or_variants(tmp_path):
 
 def test_selection_seeds_are_the_seeds_the_family_rule_was_declared_on(tmp_path):
     from carlrar.errors import UserError
-    import pytest
 
     assert Protocol.load("converged").selection_seeds == [0, 1, 2]
     assert Protocol.load("cpu").selection_seeds == []  # not declared: every seed counts
