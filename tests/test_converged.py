@@ -239,6 +239,25 @@ def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
         assert ["carl-tuned", name] in protocol.pairs
 
 
+def test_carl_on_the_stronger_freelbs_changes_only_the_perturbation_of_carl_tuned(tmp_path):
+    """carl-tuned-strong / -stronger: carl-tuned exactly, with freelb-strong's / -stronger's α and γ; paired with
+    the FreeLB at the same perturbation and with the next-stronger one."""
+    protocol = Protocol.load("converged")
+
+    def settings(name):
+        configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
+        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+    carl_tuned = settings("carl-tuned")
+    for name, freelb, stronger in (("carl-tuned-strong", "freelb-strong", "freelb-stronger"),
+                                   ("carl-tuned-stronger", "freelb-stronger", "freelb-strongest")):
+        b, f = settings(name), settings(freelb)
+        assert {k for k in carl_tuned if carl_tuned[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
+        assert (b["adv_lr"], b["adv_init_mag"]) == (f["adv_lr"], f["adv_init_mag"])
+        assert b["method"] == "carl" and name in protocol.branches
+        assert [name, freelb] in protocol.pairs and [name, stronger] in protocol.pairs
+
+
 def test_declared_pairs_must_name_methods_or_variants(tmp_path):
     from carlrar.errors import UserError
 
