@@ -218,7 +218,7 @@ def test_report_with_diagnostics_branches_and_validation(tmp_path, monkeypatch):
     (tmp_path / "index.json").write_text(json.dumps(index))
     out, pngs = carlrar.report.write_report(tmp_path)
     assert {p.name for p in pngs} == {"accuracy_vs_eps.png", "training_curves_toy.png", "cos_histogram_toy.png",
-                                      "diagnostics_toy.png"}
+                                      "tradeoff_toy.png", "diagnostics_toy.png"}
     for p in pngs:
         assert p.stat().st_size > 10_000, p
     report = out.read_text()
@@ -405,3 +405,23 @@ def test_declared_pairs_come_from_the_index_else_from_the_protocol_file_if_found
     assert declared_pairs({"source": str(tmp_path / "gone.yaml")}) == [] and declared_pairs({}) == []
     assert declared({"source": "converged"}, "selection_seeds") == [0, 1, 2]  # a results folder from before the key
     assert declared({"selection_seeds": [0], "source": "converged"}, "selection_seeds") == [0]
+
+
+def test_tradeoff_points_average_over_the_seeds_every_method_has():
+    from carlrar.report_plots import tradeoff_points
+
+    def run(method, seed, clean, robust):
+        r = make_run(method, seed)
+        r["attack"]["clean_accuracy"] = clean
+        r["attack"]["attacks"][-1]["accuracy"] = robust  # the largest ε
+        return r
+
+    by_method = {"freelb": [run("freelb", 0, 0.80, 0.60), run("freelb", 1, 0.90, 0.70), run("freelb", 2, 0.5, 0.1)],
+                 "carl": [run("carl", 0, 0.70, 0.65), run("carl", 1, 0.80, 0.75)],
+                 "rar": [run("rar", 0, 0.70, 0.65), run("rar", 1, 0.80, 0.75)]}
+    points, shared, eps = tradeoff_points(by_method)
+    assert shared == {0, 1} and eps == max(EPS)  # FreeLB's seed 2 is left out: CARL lacks it
+    assert points["freelb"] == pytest.approx((85.0, 65.0)) and points["carl"] == pytest.approx((75.0, 70.0))
+    by_method["probe"] = [run("probe", 1, 0.1, 0.1)]  # one seed where the others have two or more: left out
+    points, shared, _ = tradeoff_points(by_method)
+    assert shared == {0, 1} and set(points) == {"freelb", "carl", "rar"}

@@ -5,6 +5,9 @@
   checkpoint, when logged) against the step; a branch run is drawn after its trunk's curves, as one line, with its
   branch step marked.
 - cos_histogram_<dataset>.png: per-example cos(R, R^adv) at Table 4's first α (projected k-PGD at ε = α).
+- tradeoff_<dataset>.png: clean accuracy against accuracy at the largest ε, one point per method (means over the
+  seeds every method has; methods on fewer seeds than most are left out), the FreeLB family joined by a line: FreeLB's own clean-robust curve, so a method that
+  is more robust only because it is less accurate clean lies on it, and one that improves on FreeLB lies above it.
 - diagnostics_<dataset>.png, when runs log gradient diagnostics: the terms' gradient norms, their cosines with
   ∇L_C, and the step's gradient norm before clipping with the clip factor; the auxiliary term's start marked.
 """
@@ -36,6 +39,7 @@ def plots(runs: list[dict], results: Path) -> list[Path]:
         by_method = {m: rs for (dd, m), rs in groups.items() if dd == d}
         written.append(training_curves(d, by_method, colors, results / f"training_curves_{d}.png"))
         written.append(cos_histogram(d, by_method, colors, results / f"cos_histogram_{d}.png"))
+        written.append(tradeoff(d, by_method, colors, results / f"tradeoff_{d}.png"))
         if any(r.get("diagnostics") for rs in by_method.values() for r in rs):
             written.append(diagnostics_plot(d, by_method, colors, results / f"diagnostics_{d}.png"))
     return written
@@ -85,6 +89,44 @@ def accuracy_vs_eps(groups: dict, datasets: list[str], colors: dict, path: Path)
                xlabel=f"ε ({NORMS.get(attack['norm'], attack['norm'])})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def tradeoff_points(by_method: dict[str, list[dict]]) -> tuple[dict[str, tuple[float, float]], set[int], float]:
+    """Per method, (clean %, % under attack at the largest ε) averaged over the seeds every method has, so that
+    methods run on more seeds are not compared on an easier or harder draw; those seeds; that ε. Methods run on
+    fewer seeds than the median method are left out (one seed-0 probe would otherwise shrink every mean to seed 0)."""
+    enough = statistics.median_low([len({r["seed"] for r in rs}) for rs in by_method.values()])
+    kept = {m: rs for m, rs in by_method.items() if len({r["seed"] for r in rs}) >= enough}
+    shared = set.intersection(*({r["seed"] for r in rs} for rs in kept.values()))
+    eps = max(a["eps"] for rs in kept.values() for a in rs[0]["attack"]["attacks"])
+    points = {}
+    for m, rs in kept.items():
+        rs = [r for r in rs if r["seed"] in shared] or rs  # no seed shared by all: each method's own
+        robust = [a["accuracy"] for r in rs for a in r["attack"]["attacks"] if a["eps"] == eps]
+        if len(robust) == len(rs):  # a method not attacked at that ε is left out
+            points[m] = (100 * statistics.mean(r["attack"]["clean_accuracy"] for r in rs), 100 * statistics.mean(robust))
+    return points, shared, eps
+
+
+def tradeoff(d: str, by_method: dict[str, list[dict]], colors: dict, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    points, shared, eps = tradeoff_points(by_method)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    freelbs = sorted(points[m] for m, rs in by_method.items()
+                     if m in points and rs[0]["config"].get("method", m) == "freelb")
+    if len(freelbs) > 1:  # FreeLB's own trade-off, its variants joined in order of clean accuracy
+        ax.plot(*zip(*freelbs), color="grey", linestyle="--", linewidth=1, label="FreeLB family")
+    for m, (clean, robust) in points.items():
+        ax.scatter(clean, robust, color=colors[m], s=30)
+        ax.annotate(NAMES.get(m, m), (clean, robust), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    seeds = ", ".join(map(str, sorted(shared))) if shared else "each method's own"
+    ax.set(title=f"{d}: clean vs accuracy at ε = {eps} (dev; seeds {seeds})", xlabel="clean accuracy (%)",
+           ylabel=f"accuracy under k-PGD at ε = {eps} (%)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return save(fig, path)
 
 
