@@ -319,6 +319,7 @@ def tables(index: dict, runs: list[dict]) -> str:
     seeds = {r["seed"] for r in index["runs"].values() if "seed" in r} | set(index["protocol"]["seeds"])
     grid = Grid(grouped(runs), len(seeds))
     from carlrar.report_families import family_tables  # these build on this module's tables
+    from carlrar.report_curve import curve_section
     from carlrar.report_pairs import declared, declared_pairs, pair_section
 
     pairs, selection = declared_pairs(index["protocol"]), declared(index["protocol"], "selection_seeds")
@@ -329,7 +330,7 @@ def tables(index: dict, runs: list[dict]) -> str:
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
                   *bootstrap_tables(grid, d), *family_tables(grid, d, selection), *pair_section(grid, d, pairs),
-                  *diagnostics_section(grid, d)]
+                  *curve_section(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "
               "speed): " + ", ".join(f"{NAMES.get(m, m)} {statistics.mean(r['final']['train_seconds'] for r in v):.0f}"
