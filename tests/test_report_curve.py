@@ -85,3 +85,13 @@ def test_the_curves_variants_are_fixed_by_the_point_estimate_not_chosen_again_pe
             run("carl", "carl", range(19), range(12))]
     carl = row(curve_section(grid(runs, 1), "toy", n_boot=400), "CARL").split(" | ")
     assert carl[3] == "+0.00 [+0.00, +0.00] ·"
+
+
+def test_the_section_names_the_curves_variants_per_seed_set_and_drops_a_dominated_one():
+    runs = [toy("freelb", s, 18, 10) for s in (0, 1)] + [toy("freelb-strong", s, 16, 14, "freelb") for s in (0, 1)]
+    runs += [toy("freelb-weak", s, 17, 9, "freelb") for s in (0, 1)] + [toy("carl", s, 17, 14) for s in (0, 1)]
+    runs += [toy("rar", 0, 19, 10)]  # one seed: the curve on seed 0 alone
+    lines = curve_section(grid(runs), "toy", n_boot=50)
+    both = next(line for line in lines if line.startswith("- seeds 0, 1: "))
+    assert both.count("ε=") == len(EPS) and "FreeLB (90.00), freelb-strong (80.00)" in both and "weak" not in both
+    assert any(line.startswith("- seed 0: ") for line in lines)

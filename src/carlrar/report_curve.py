@@ -66,8 +66,9 @@ def draw_means(values: np.ndarray, seed_weights: np.ndarray, example_weights: np
 
 
 def distance_row(grid: Grid, d: str, m: str, members: list[str], eps: list[float], n_boot: int = 10000,
-                 seed: int = 0) -> list[str] | None:
-    """m's distance to the curve at each ε (point estimate and 95 % CI), on the seeds m shares with every member."""
+                 seed: int = 0) -> tuple[list[str], tuple[str, ...]] | None:
+    """m's distance to the curve at each ε (point estimate and 95 % CI), on the seeds m shares with every member;
+    and, per ε, which members are the curve on those seeds."""
     seeds = set.intersection(*({r["seed"] for r in grid.runs(d, x)} for x in [m, *members]))
     if not seeds:
         return None
@@ -77,7 +78,7 @@ def distance_row(grid: Grid, d: str, m: str, members: list[str], eps: list[float
     weights = (np.ones((1, s)), np.ones((1, n))), (rng.multinomial(s, [1 / s] * s, size=n_boot),
                                                    rng.multinomial(n, [1 / n] * n, size=n_boot))
     clean = {x: [draw_means(correctness(rs, None), *w) for w in weights] for x, rs in runs.items()}
-    cells = []
+    cells, curves = [], []
     for e in eps:
         robust = {x: [draw_means(correctness(rs, e), *w) for w in weights] for x, rs in runs.items()}
         # k = 0: the point estimate (every seed and example once); k = 1: the bootstrap draws
@@ -85,11 +86,13 @@ def distance_row(grid: Grid, d: str, m: str, members: list[str], eps: list[float
         # The curve's variants are fixed by the point estimate: letting each draw pick its own frontier would make
         # the distance jump when a dominated variant's clean accuracy crosses another's, and widen one CI end.
         front = frontier(xs[0], ys[0])[0]
+        on = sorted(((x, c) for x, c, f in zip(members, xs[0][0], front) if f), key=lambda t: -t[1])
+        curves.append(f"ε={e:g}: " + ", ".join(f"{NAMES.get(x, x)} ({100 * c:.2f})" for x, c in on))
         (at_point, inside), (at_draws, _) = (curve_at(clean[m][k], xs[k], ys[k], front) for k in (0, 1))
         point, (lo, hi) = robust[m][0][0] - at_point[0], np.percentile(robust[m][1] - at_draws, [2.5, 97.5])
         cells.append(f"{100 * point:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" + ("" if inside[0] else " ·"))
     label = f"seed{'s' * (s > 1)} {', '.join(map(str, sorted(seeds)))}"
-    return [NAMES.get(m, m), label, f"{100 * clean[m][0][0]:.2f}", *cells]
+    return [NAMES.get(m, m), label, f"{100 * clean[m][0][0]:.2f}", *cells], (label, *curves)
 
 
 def curve_section(grid: Grid, d: str, n_boot: int = 10000) -> list[str]:
@@ -98,8 +101,9 @@ def curve_section(grid: Grid, d: str, n_boot: int = 10000) -> list[str]:
     if len(members) < 2:
         return []
     eps = [a["eps"] for a in grid.attack(d)["attacks"]]
-    rows = [r for m in grid.methods if m not in members and grid.runs(d, m)[0]["config"].get("method", m) != "freelb"
+    done = [r for m in grid.methods if m not in members and grid.runs(d, m)[0]["config"].get("method", m) != "freelb"
             for r in [distance_row(grid, d, m, members, eps, n_boot)] if r]
+    rows, curves = [r for r, _ in done], dict.fromkeys(c for _, c in done)  # one line per seed set, in row order
     curve = ", ".join(NAMES.get(m, m) for m in members)
     return ["", f"## Distance to FreeLB's clean–robust curve ({d}), percentage points, 95 % CI", "",
             f"The curve: {curve}, those no other of them beats both clean and under attack (on all seeds and examples; the same variants in "
@@ -109,4 +113,6 @@ def curve_section(grid: Grid, d: str, n_boot: int = 10000) -> list[str]:
             "same clean accuracy; near 0: on FreeLB's own trade-off. 10,000 draws resampling the examples and the "
             "seeds jointly for every method (a seed's branches share its trunk), on the seeds the method shares "
             "with every curve variant.", "",
-            *md_table(["method", "seeds", "clean (attacked examples)", *(f"ε={e:g}" for e in eps)], rows)]
+            *md_table(["method", "seeds", "clean (attacked examples)", *(f"ε={e:g}" for e in eps)], rows), "",
+            "The curve's variants on each row's seeds, most accurate clean first (clean accuracy on the attacked examples):", "",
+            *(f"- {label}: " + "; ".join(c) for label, *c in curves)]
