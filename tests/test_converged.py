@@ -281,3 +281,19 @@ def test_selection_seeds_are_the_seeds_the_family_rule_was_declared_on(tmp_path)
         path.write_text(yaml.safe_dump({"methods": ["carl"], "selection_seeds": seeds}))
         with pytest.raises(UserError, match="selection_seeds: expected a list of integer seeds"):
             Protocol.load(str(path))
+
+
+def test_the_harder_wide_freelb_changes_only_freelb_wides_perturbation(tmp_path):
+    """freelb-wide-strong (AG News): freelb-wide with α and γ ×1.5, nothing else; a branch of the same trunk, paired
+    with carl-tuned-wide and freelb-wide."""
+    protocol = Protocol.load("converged")
+
+    def settings(name):
+        configs = run_configs(protocol, "agnews", name, 0, tmp_path, {})
+        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+    wide, b = settings("freelb-wide"), settings("freelb-wide-strong")
+    assert {k for k in wide if wide[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
+    assert (b["adv_lr"], b["adv_init_mag"]) == pytest.approx((1.5 * wide["adv_lr"], 1.5 * wide["adv_init_mag"]))
+    assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "freelb-wide-strong" in protocol.branches
+    assert ["carl-tuned-wide", "freelb-wide-strong"] in protocol.pairs and ["freelb-wide-strong", "freelb-wide"] in protocol.pairs
