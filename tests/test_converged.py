@@ -191,6 +191,12 @@ def test_a_protocol_that_extends_another_sets_only_its_own_keys_on_top(tmp_path)
         assert (protocol.attack.eps, protocol.attack.steps, protocol.source) == ([0.1], 3, str(path))
 
 
+def merged_settings(protocol, dataset, name, tmp_path):
+    """Every option of the protocol's runs of ``name`` (seed 0), merged over its stages: what a test compares."""
+    configs = run_configs(protocol, dataset, name, 0, tmp_path, {})
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+
 def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp_path):
     """AG News's diagnostic pair: SST-2's FreeLB perturbation (α 0.1, γ 0.6, n 2) on the AG News trunk, for FreeLB and
     carl-tuned alike; every other setting as theirs. On SST-2, whose preset has that perturbation, freelb-wide is
@@ -198,10 +204,7 @@ def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp
     protocol = Protocol.load("converged")
     wide = {"adv_lr": 0.1, "adv_init_mag": 0.6, "adv_steps": 2, "adv_max_norm": 0.0}
     for name, base in (("freelb-wide", "freelb"), ("carl-tuned-wide", "carl-tuned")):
-        changed = run_configs(protocol, "agnews", name, 0, tmp_path, {})
-        plain = run_configs(protocol, "agnews", base, 0, tmp_path, {})
-        a = {k: v for c in plain for k, v in dataclasses.asdict(c).items()}
-        b = {k: v for c in changed for k, v in dataclasses.asdict(c).items()}
+        a, b = merged_settings(protocol, "agnews", base, tmp_path), merged_settings(protocol, "agnews", name, tmp_path)
         assert {k for k in a if a[k] != b[k]} == {"adv_lr", "adv_init_mag", "adv_steps", "output_dir"}
         assert {k: b[k] for k in wide} == wide and b["init_from"] == str(tmp_path / "agnews-trunk-s0")
     same = [dataclasses.replace(c, output_dir="x") if hasattr(c, "output_dir") else c
@@ -213,8 +216,7 @@ def test_the_wide_variants_are_freelb_and_carl_tuned_with_sst2s_perturbation(tmp
 def test_carl_tau_is_the_papers_carl_at_carl_tuneds_temperature(tmp_path):
     """The τ-vs-projection split: carl-tau differs from CARL only in τ, which is carl-tuned's; it is a branch."""
     protocol = Protocol.load("converged")
-    tau, carl, tuned = ({k: v for c in run_configs(protocol, "sst2", name, 0, tmp_path, {})
-                         for k, v in dataclasses.asdict(c).items()} for name in ("carl-tau", "carl", "carl-tuned"))
+    tau, carl, tuned = (merged_settings(protocol, "sst2", n, tmp_path) for n in ("carl-tau", "carl", "carl-tuned"))
     assert {k for k in carl if carl[k] != tau[k]} == {"carl_temperature", "output_dir"}
     assert tau["carl_temperature"] == tuned["carl_temperature"] != carl["carl_temperature"]
     assert tau["init_from"] == str(tmp_path / "sst2-trunk-s0") and "carl-tau" in protocol.branches
@@ -225,10 +227,7 @@ def test_the_stronger_freelbs_scale_only_the_protocols_perturbation(tmp_path):
     ε and n as the protocol's; branches of the same trunk, compared with carl-tuned as declared pairs."""
     protocol = Protocol.load("converged")
 
-    def settings(name):
-        configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
-        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
-
+    settings = lambda name: merged_settings(protocol, "sst2", name, tmp_path)  # noqa: E731
     freelb = settings("freelb")
     for name, scale in (("freelb-strong", 1.5), ("freelb-stronger", 2.0), ("freelb-strongest", 3.0)):
         b = settings(name)
@@ -244,10 +243,7 @@ def test_carl_on_the_stronger_freelbs_changes_only_the_perturbation_of_carl_tune
     the FreeLB at the same perturbation and with the next-stronger one."""
     protocol = Protocol.load("converged")
 
-    def settings(name):
-        configs = run_configs(protocol, "sst2", name, 0, tmp_path, {})
-        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
-
+    settings = lambda name: merged_settings(protocol, "sst2", name, tmp_path)  # noqa: E731
     carl_tuned = settings("carl-tuned")
     for name, freelb, stronger in (("carl-tuned-strong", "freelb-strong", "freelb-stronger"),
                                    ("carl-tuned-stronger", "freelb-stronger", "freelb-strongest")):
@@ -288,11 +284,7 @@ def test_the_harder_wide_freelb_changes_only_freelb_wides_perturbation(tmp_path)
     with carl-tuned-wide and freelb-wide."""
     protocol = Protocol.load("converged")
 
-    def settings(name):
-        configs = run_configs(protocol, "agnews", name, 0, tmp_path, {})
-        return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
-
-    wide, b = settings("freelb-wide"), settings("freelb-wide-strong")
+    wide, b = (merged_settings(protocol, "agnews", n, tmp_path) for n in ("freelb-wide", "freelb-wide-strong"))
     assert {k for k in wide if wide[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
     assert (b["adv_lr"], b["adv_init_mag"]) == pytest.approx((1.5 * wide["adv_lr"], 1.5 * wide["adv_init_mag"]))
     assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "freelb-wide-strong" in protocol.branches
