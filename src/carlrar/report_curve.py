@@ -114,5 +114,6 @@ def curve_section(grid: Grid, d: str, n_boot: int = 10000) -> list[str]:
             "seeds jointly for every method (a seed's branches share its trunk), on the seeds the method shares "
             "with every curve variant.", "",
             *md_table(["method", "seeds", "clean (attacked examples)", *(f"ε={e:g}" for e in eps)], rows), "",
-            "The curve's variants on each row's seeds, most accurate clean first (clean accuracy on the attacked examples):", "",
+            "The curve's variants on each row's seeds, most accurate clean first (clean accuracy on the attacked "
+            "examples):", "",
             *(f"- {label}: " + "; ".join(c) for label, *c in curves)]
