@@ -290,3 +290,17 @@ def test_the_harder_wide_freelb_changes_only_freelb_wides_perturbation(tmp_path)
     assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "freelb-wide-strong" in protocol.branches
     assert ["carl-tuned-wide", "freelb-wide-strong"] in protocol.pairs
     assert ["freelb-wide-strong", "freelb-wide"] in protocol.pairs
+
+
+def test_carl_on_the_harder_wide_perturbation_changes_only_carl_tuned_wides_perturbation(tmp_path):
+    """carl-tuned-wide-strong (AG News): carl-tuned-wide with freelb-wide-strong's α and γ, nothing else; CARL's knobs
+    as carl-tuned-wide's, its perturbation as freelb-wide-strong's; paired with both."""
+    protocol = Protocol.load("converged")
+    carl, freelb, b = (merged_settings(protocol, "agnews", n, tmp_path)
+                       for n in ("carl-tuned-wide", "freelb-wide-strong", "carl-tuned-wide-strong"))
+    assert {k for k in carl if carl[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
+    assert {k: b[k] for k in ("adv_lr", "adv_init_mag", "adv_steps", "adv_max_norm")} == {
+        k: freelb[k] for k in ("adv_lr", "adv_init_mag", "adv_steps", "adv_max_norm")}
+    assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "carl-tuned-wide-strong" in protocol.branches
+    assert ["carl-tuned-wide-strong", "freelb-wide-strong"] in protocol.pairs
+    assert ["carl-tuned-wide-strong", "carl-tuned-wide"] in protocol.pairs
