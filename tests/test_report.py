@@ -425,3 +425,30 @@ def test_tradeoff_points_average_over_the_seeds_every_method_has():
     by_method["probe"] = [run("probe", 1, 0.1, 0.1)]  # one seed where the others have two or more: left out
     points, shared, _ = tradeoff_points(by_method)
     assert shared == {0, 1} and set(points) == {"freelb", "carl", "rar"}
+
+
+def test_tradeoff_labels_stay_inside_the_axes(monkeypatch, tmp_path):
+    """A long name on the most accurate point once ran past the plot's right edge: every label lies inside the axes."""
+    import carlrar.report_plots as plots
+
+    def run(method, clean, robust):
+        r = make_run(method, 0)
+        r["attack"]["clean_accuracy"], r["attack"]["attacks"][-1]["accuracy"] = clean, robust
+        return r
+
+    names = ["freelb", "carl", "a-very-long-variant-name-on-the-right"]
+    by_method = {m: [run(m, c, 0.5)] for m, c in zip(names, (0.80, 0.85, 0.90))}
+    seen = []
+
+    def keep(fig, path):  # instead of writing: measure the drawn labels
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        box = ax.get_window_extent()
+        seen.extend((t.get_text(), t.get_window_extent(), box) for t in ax.texts)
+        return path
+
+    monkeypatch.setattr(plots, "save", keep)
+    plots.tradeoff("toy", by_method, {m: "C0" for m in names}, tmp_path / "t.png")
+    assert {text for text, _, _ in seen} == {plots.NAMES.get(m, m) for m in names}
+    for text, extent, box in seen:
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text

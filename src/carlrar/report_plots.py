@@ -122,9 +122,12 @@ def tradeoff(d: str, by_method: dict[str, list[dict]], colors: dict, path: Path)
     front = freelbs[frontier(freelbs[None, :, 0], freelbs[None, :, 1])[0]]
     if len(front) > 1:  # FreeLB's own trade-off: the variants no other beats both ways, in order of clean accuracy
         ax.plot(*front.T, color="grey", linestyle="--", linewidth=1, label="FreeLB family's frontier")
+    middle = np.median([clean for clean, _ in points.values()]) if points else 0.0
     for m, (clean, robust) in points.items():
         ax.scatter(clean, robust, color=colors[m], s=30)
-        ax.annotate(NAMES.get(m, m), (clean, robust), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        right = clean > middle  # labels of the right half point left, so none runs past the axes
+        ax.annotate(NAMES.get(m, m), (clean, robust), fontsize=7, xytext=(-3 if right else 3, 3),
+                    textcoords="offset points", ha="right" if right else "left")
     seeds = ", ".join(map(str, sorted(shared))) if shared else "each method's own"
     ax.set(title=f"{d}: clean vs accuracy at ε = {eps} (dev; seeds {seeds})", xlabel="clean accuracy (%)",
            ylabel=f"accuracy under k-PGD at ε = {eps} (%)")
