@@ -299,8 +299,8 @@ def test_carl_on_the_harder_wide_perturbation_changes_only_carl_tuned_wides_pert
     carl, freelb, b = (merged_settings(protocol, "agnews", n, tmp_path)
                        for n in ("carl-tuned-wide", "freelb-wide-strong", "carl-tuned-wide-strong"))
     assert {k for k in carl if carl[k] != b[k]} == {"adv_lr", "adv_init_mag", "output_dir"}
-    assert {k: b[k] for k in ("adv_lr", "adv_init_mag", "adv_steps", "adv_max_norm")} == {
-        k: freelb[k] for k in ("adv_lr", "adv_init_mag", "adv_steps", "adv_max_norm")}
+    perturbation = ("adv_lr", "adv_init_mag", "adv_steps", "adv_max_norm")
+    assert {k: b[k] for k in perturbation} == {k: freelb[k] for k in perturbation}
     assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "carl-tuned-wide-strong" in protocol.branches
     assert ["carl-tuned-wide-strong", "freelb-wide-strong"] in protocol.pairs
     assert ["carl-tuned-wide-strong", "carl-tuned-wide"] in protocol.pairs

@@ -407,15 +407,18 @@ def test_declared_pairs_come_from_the_index_else_from_the_protocol_file_if_found
     assert declared({"selection_seeds": [0], "source": "converged"}, "selection_seeds") == [0]
 
 
+def tradeoff_run(method, seed, clean, robust):
+    """A run whose clean accuracy and accuracy at the largest ε are the tradeoff plot's two coordinates."""
+    r = make_run(method, seed)
+    r["attack"]["clean_accuracy"] = clean
+    r["attack"]["attacks"][-1]["accuracy"] = robust  # the largest ε
+    return r
+
+
 def test_tradeoff_points_average_over_the_seeds_every_method_has():
     from carlrar.report_plots import tradeoff_points
 
-    def run(method, seed, clean, robust):
-        r = make_run(method, seed)
-        r["attack"]["clean_accuracy"] = clean
-        r["attack"]["attacks"][-1]["accuracy"] = robust  # the largest ε
-        return r
-
+    run = tradeoff_run
     by_method = {"freelb": [run("freelb", 0, 0.80, 0.60), run("freelb", 1, 0.90, 0.70), run("freelb", 2, 0.5, 0.1)],
                  "carl": [run("carl", 0, 0.70, 0.65), run("carl", 1, 0.80, 0.75)],
                  "rar": [run("rar", 0, 0.70, 0.65), run("rar", 1, 0.80, 0.75)]}
@@ -431,13 +434,8 @@ def test_tradeoff_labels_stay_inside_the_axes(monkeypatch, tmp_path):
     """A long name on the most accurate point once ran past the plot's right edge: every label lies inside the axes."""
     import carlrar.report_plots as plots
 
-    def run(method, clean, robust):
-        r = make_run(method, 0)
-        r["attack"]["clean_accuracy"], r["attack"]["attacks"][-1]["accuracy"] = clean, robust
-        return r
-
     names = ["freelb", "carl", "a-very-long-variant-name-on-the-right"]
-    by_method = {m: [run(m, c, 0.5)] for m, c in zip(names, (0.80, 0.85, 0.90))}
+    by_method = {m: [tradeoff_run(m, 0, c, 0.5)] for m, c in zip(names, (0.80, 0.85, 0.90))}
     seen = []
 
     def keep(fig, path):  # instead of writing: measure the drawn labels
