@@ -11,7 +11,7 @@ Writes RESULTS/report.md and RESULTS/*.png:
   resampled with replacement (the same for both methods), and each method's seeds, on the seeds both have. When a protocol attacked a
   seeded subset of dev, the attacked tables say so; runs of one dataset attacked on different examples are refused.
 - Each family's variant chosen on validation, clean and under attack (``report_families``); the protocol's declared
-  pairs (``report_pairs``).
+  pairs (``report_pairs``), and what each pair's difference under attack is made of (its drops vs its margins).
 - Diagnostics (``report_diagnostics``): ‖∇L_D‖ / ‖∇L_C‖, cos(∇L_C, ∇L_D) (the same for L_R) and the clip factor in
   the first 50 steps after the auxiliary term starts; Margins: the clean logit margin and the drop per unit of
   ‖R − R^adv‖, which say why Table 4 need not become Table 5. Figures: ``report_plots``.
@@ -320,7 +320,7 @@ def tables(index: dict, runs: list[dict]) -> str:
     grid = Grid(grouped(runs), len(seeds))
     from carlrar.report_families import family_tables  # these build on this module's tables
     from carlrar.report_curve import curve_section
-    from carlrar.report_pairs import declared, declared_pairs, pair_section
+    from carlrar.report_pairs import declared, declared_pairs, decomposition_section, pair_section
 
     pairs, selection = declared_pairs(index["protocol"]), declared(index["protocol"], "selection_seeds")
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
@@ -330,6 +330,7 @@ def tables(index: dict, runs: list[dict]) -> str:
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
                   *bootstrap_tables(grid, d), *family_tables(grid, d, selection), *pair_section(grid, d, pairs),
+                  *decomposition_section(grid, d, pairs),
                   *curve_section(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "

@@ -1,12 +1,15 @@
 """``carlrar report``'s declared pairs: the comparisons a protocol names in ``pairs:`` beside the tables against
 FreeLB, e.g. a diagnostic variant against the baseline that shares its perturbation (``[carl-tuned-wide,
-freelb-wide]``). Each pair: A − B per seed, and the paired bootstrap over the seeds both have."""
+freelb-wide]``). Each pair: A − B per seed, and the paired bootstrap over the seeds both have; then what A − B
+under attack is made of (``decomposition_section``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from carlrar.errors import UserError
+import numpy as np
+
 from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap, seed_runs
 
 
@@ -59,3 +62,51 @@ def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
             "and each method's seeds) and per seed; last, the per-example cos(R, R^adv) difference at the largest ε.",
             "", *md_table(["pair", "clean dev", "clean (attacked examples)", *(f"ε={e:g}" for e in eps),
                            *([f"cos, ε={eps[-1]:g}"] if eps else [])], rows)]
+
+
+def swapped(clean: list[dict], attacked: list[dict], eps: float) -> np.ndarray:
+    """Seeds × examples 0/1: correct under the attack at ε if each example had ``clean``'s clean logit margin and
+    lost ``attacked``'s margin drop (its clean margin minus its margin after the attack), seed by seed."""
+    rows = []
+    for c, a in zip(clean, attacked):
+        margin = np.array(c["per_example"]["margin"])
+        drop = np.array(a["per_example"]["margin"]) - np.array(find(a["per_example"]["attacks"], "eps", eps)["margin"])
+        rows.append((margin - drop > 0).astype(float))
+    return np.array(rows)
+
+
+def has_margins(runs: list[dict]) -> bool:
+    return all("margin" in r["per_example"] and all("margin" in x for x in r["per_example"]["attacks"]) for r in runs)
+
+
+def decomposition_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
+    """Each declared pair's A − B under attack, split by swapping one of the two things an example's fate depends on
+    (it flips when the attack's margin drop exceeds its clean margin): B's margins with A's drops (what A's attack
+    robustness alone is worth) and A's margins with B's drops (what A's clean confidence alone is worth); what is
+    left of A − B is the two together (A's drops falling on examples A holds more or less confidently than B)."""
+    eps = [x["eps"] for x in grid.attack(d)["attacks"]]
+    points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
+    rows = []
+    for a, b in pairs:
+        ra, rb = seed_runs(grid, d, a, b)
+        if not ra or not eps or not has_margins(ra + rb):
+            continue
+        row = [f"{NAMES.get(a, a)} − {NAMES.get(b, b)} ({len(ra)} seeds)"]
+        for e in eps:
+            actual, drops, margins = (correctness(ra, e), swapped(rb, ra, e), swapped(ra, rb, e))
+            b_actual = correctness(rb, e)
+            together = (actual.mean() - b_actual.mean()) - (drops.mean() - b_actual.mean()) - (
+                margins.mean() - b_actual.mean())
+            row += [f"{100 * (actual.mean() - b_actual.mean()):+.2f}", points(*paired_bootstrap(drops, b_actual)),
+                    points(*paired_bootstrap(margins, b_actual)), f"{100 * together:+.2f}"]
+        rows.append(row)
+    if not rows:
+        return []
+    header = ["pair"] + [f"ε={e:g} {what}" for e in eps for what in ("A − B", "A's drops", "A's margins", "together")]
+    return ["", f"## Declared pairs ({d}): what A − B under attack is made of, percentage points", "",
+            "An attacked example stays correct when its clean logit margin exceeds the margin the attack takes off "
+            "(its drop). Swapping one of the two per example and seed: *A's drops* is B's clean margins with A's "
+            "drops, minus B (what A's smaller or larger drops alone are worth); *A's margins* is A's clean margins "
+            "with B's drops, minus B (what A's clean confidence alone is worth); *together* is what is left of A − B "
+            "(A's drops landing on examples A holds more or less confidently than B). 95 % CIs: the paired bootstrap "
+            "as above.", "", *md_table(header, rows)]
