@@ -83,7 +83,7 @@ def decomposition_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[st
     """Each declared pair's A − B under attack, split by swapping one of the two things an example's fate depends on
     (it flips when the attack's margin drop exceeds its clean margin): B's margins with A's drops (what A's attack
     robustness alone is worth) and A's margins with B's drops (what A's clean confidence alone is worth); what is
-    left of A − B is the two together: below 0 when both would save the same examples (the gains overlap)."""
+    left of A − B is the two together (examples both swaps save or lose count once in A − B, twice in the sum)."""
     eps = [x["eps"] for x in grid.attack(d)["attacks"]]
     points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     rows = []
@@ -108,6 +108,5 @@ def decomposition_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[st
             "(its drop). Swapping one of the two per example and seed: *A's drops* is B's clean margins with A's "
             "drops, minus B (what A's smaller or larger drops alone are worth); *A's margins* is A's clean margins "
             "with B's drops, minus B (what A's clean confidence alone is worth); *together* is what is left of A − B: "
-            "negative when the examples A's drops would save are those its margins save already (the two gains "
-            "overlap), positive when A's drops save examples only its margins bring near. 95 % CIs: the paired "
-            "bootstrap as above.", "", *md_table(header, rows)]
+            "an example both swaps save (or lose) counts once in A − B and twice in their sum, and some examples "
+            "only A's drops and margins together save or lose. 95 % CIs: the paired bootstrap as above.", "", *md_table(header, rows)]
