@@ -136,6 +136,16 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     return float(a.mean() - b.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def points(mean: float, lo: float, hi: float) -> str:
+    """A paired-bootstrap accuracy difference (fractions) as percentage points with its 95 % CI."""
+    return f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def cosines(mean: float, lo: float, hi: float) -> str:
+    """A paired-bootstrap cos(R, R^adv) difference with its 95 % CI."""
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def correctness(runs: list[dict], eps: float | None) -> np.ndarray:
     """Seeds × examples 0/1: clean (eps None) or under the attack at ε."""
     if eps is None:
@@ -274,8 +284,6 @@ def bootstrap_tables(grid: Grid, d: str) -> list[str]:
     if not grid.runs(d, "freelb"):
         return []
     eps = [a["eps"] for a in grid.attack(d)["attacks"]]
-    points = lambda mean, lo, hi: f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
-    cosines = lambda mean, lo, hi: f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
     heads = [f"ε={e:g}" for e in eps]
     return ["", f"## Paired bootstrap ({d}): accuracy difference vs FreeLB, percentage points, 95 % CI", "",
             "10,000 draws, each resampling the attacked dev examples (paired: the same for both methods) and each "

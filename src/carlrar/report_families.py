@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from carlrar.report import NAMES, Grid, bootstrap_rows, correctness, md_table
+from carlrar.report import NAMES, Grid, bootstrap_rows, correctness, md_table, points
 
 
 def validation_accuracy(run: dict) -> float | None:
@@ -54,7 +54,6 @@ def family_tables(grid: Grid, d: str, seeds: list[int] | None = None) -> list[st
     picks = {c[0][0] for rule in (best, robust) for c in rule.values()}
     chosen = Grid({k: v for k, v in grid.groups.items() if k[1] in {*references, *picks}}, grid.n_seeds)
     eps = [a["eps"] for a in grid.attack(d)["attacks"]]
-    points = lambda mean, lo, hi: f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     ranked = lambda c: ", ".join(f"{NAMES.get(m, m)} {100 * v:.2f} ({n})" for m, v, n in c)  # noqa: E731
     listed = [[NAMES.get(f, f), ranked(c), NAMES.get(c[0][0], c[0][0]),
                *([ranked(robust.get(f, [])), NAMES.get(robust[f][0][0], robust[f][0][0]) if f in robust else "–"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carlrar.errors import UserError
 import numpy as np
 
-from carlrar.report import NAMES, Grid, correctness, example_cos, find, md_table, paired_bootstrap, seed_runs
+from carlrar.errors import UserError
+from carlrar.report import (NAMES, Grid, correctness, cosines, example_cos, find, md_table, paired_bootstrap, points,
+                            seed_runs)
 
 
 def declared(protocol: dict, key: str) -> list:
@@ -35,8 +36,6 @@ def declared_pairs(protocol: dict) -> list[list[str]]:
 def pair_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[str]:
     """One bootstrap row and one row per seed for each declared pair with runs of both on dataset d."""
     eps = [x["eps"] for x in grid.attack(d)["attacks"]]
-    points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
-    cosines = lambda m, lo, hi: f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]"  # noqa: E731
     under = lambda run, e: find(run["attack"]["attacks"], "eps", e)["accuracy"]  # noqa: E731
     rows = []
     for a, b in pairs:
@@ -85,7 +84,6 @@ def decomposition_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[st
     robustness alone is worth) and A's margins with B's drops (what A's clean confidence alone is worth); what is
     left of A − B is the two together (examples both swaps save or lose count once in A − B, twice in the sum)."""
     eps = [x["eps"] for x in grid.attack(d)["attacks"]]
-    points = lambda m, lo, hi: f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     rows = []
     for a, b in pairs:
         ra, rb = seed_runs(grid, d, a, b)
@@ -93,12 +91,11 @@ def decomposition_section(grid: Grid, d: str, pairs: list[list[str]]) -> list[st
             continue
         row = [f"{NAMES.get(a, a)} − {NAMES.get(b, b)} ({len(ra)} seeds)"]
         for e in eps:
-            actual, drops, margins = (correctness(ra, e), swapped(rb, ra, e), swapped(ra, rb, e))
             b_actual = correctness(rb, e)
-            together = (actual.mean() - b_actual.mean()) - (drops.mean() - b_actual.mean()) - (
-                margins.mean() - b_actual.mean())
-            row += [f"{100 * (actual.mean() - b_actual.mean()):+.2f}", points(*paired_bootstrap(drops, b_actual)),
-                    points(*paired_bootstrap(margins, b_actual)), f"{100 * together:+.2f}"]
+            actual = correctness(ra, e).mean() - b_actual.mean()
+            drops, margins = (paired_bootstrap(swapped(*order, e), b_actual) for order in ((rb, ra), (ra, rb)))
+            row += [f"{100 * actual:+.2f}", points(*drops), points(*margins),
+                    f"{100 * (actual - drops[0] - margins[0]):+.2f}"]  # bootstrap's first: the point estimate
         rows.append(row)
     if not rows:
         return []
