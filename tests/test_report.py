@@ -46,6 +46,11 @@ def row(lines, name):
     return next(line for line in lines if line.startswith(f"| {name} |"))
 
 
+def interval(cell):
+    """A "+1.00 [-0.50, +2.00]" table cell as (mean, lo, hi)."""
+    return tuple(float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+
+
 def test_table4_is_the_projected_attack_at_eps_alpha():
     runs = [make_run("freelb", 0), make_run("freelb", 1),
             make_run("carl", 0, attack_cos={0.1: 0.89, 0.075: 0.95, 0.02: 0.1}),
@@ -113,7 +118,7 @@ def test_cos_bootstrap_ci_excludes_zero_when_seeds_differ():
     lines = bootstrap_tables(grid(runs, 3), "toy")
     cells = row(lines[-3:], "CARL − FreeLB").split(" | ")[1:]
     for cell in cells:
-        mean, lo, hi = (float(x) for x in cell.strip(" |").replace("[", "").replace("]", "").replace(",", "").split())
+        mean, lo, hi = interval(cell.strip(" |"))
         assert 0 < lo < mean < hi and mean == pytest.approx(0.05, abs=1e-4)  # seed resampling widens it
 
 
@@ -385,7 +390,7 @@ def test_declared_pairs_compare_a_with_b_on_the_seeds_both_have_per_seed_and_boo
     cells = total.split(" | ")[1:]
     assert cells[0] == "+1.00" and cells[1] == "+0.00 [+0.00, +0.00]"  # all of dev; the attacked examples clean
     for cell in cells[2:5]:
-        mean, lo, hi = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+        mean, lo, hi = interval(cell)
         assert mean == 10.0 and 0 <= lo < mean < hi <= 25  # resampling the 20 examples: how many of the 2 are drawn
     assert cells[5] == "+0.0500 [+0.0500, +0.0500] |"
     per_seed = [line for line in lines if line.startswith("| carl-tuned-wide − freelb-wide, seed")]

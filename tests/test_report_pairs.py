@@ -3,7 +3,7 @@
 import functools
 
 import numpy as np
-from test_report import EPS, grid, make_run
+from test_report import EPS, grid, interval, make_run
 
 import carlrar.report_pairs
 from carlrar.report import paired_bootstrap
@@ -39,7 +39,7 @@ def test_a_minus_b_splits_into_as_drops_on_bs_margins_and_as_margins_with_bs_dro
         actual, drops, margins, together = cells[4 * e: 4 * e + 4]
         assert actual == "-25.00" and together == "+25.00"
         for cell in (drops, margins):
-            mean, lo, hi = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+            mean, lo, hi = interval(cell)
             assert mean == -25.0 and lo <= mean <= hi
 
 
