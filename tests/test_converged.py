@@ -304,3 +304,12 @@ def test_carl_on_the_harder_wide_perturbation_changes_only_carl_tuned_wides_pert
     assert b["init_from"] == str(tmp_path / "agnews-trunk-s0") and "carl-tuned-wide-strong" in protocol.branches
     assert ["carl-tuned-wide-strong", "freelb-wide-strong"] in protocol.pairs
     assert ["carl-tuned-wide-strong", "carl-tuned-wide"] in protocol.pairs
+
+
+def test_freelb_n3_is_the_protocols_freelb_with_three_ascent_steps(tmp_path):
+    """freelb-n3 (SST-2): the n FreeLB's search left out; a branch of the same trunk, nothing else changed."""
+    protocol = Protocol.load("converged")
+    freelb, b = (merged_settings(protocol, "sst2", n, tmp_path) for n in ("freelb", "freelb-n3"))
+    assert {k for k in freelb if freelb[k] != b[k]} == {"adv_steps", "output_dir"}
+    assert (freelb["adv_steps"], b["adv_steps"]) == (2, 3)
+    assert b["init_from"] == str(tmp_path / "sst2-trunk-s0") and "freelb-n3" in protocol.branches
