@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from carlrar.diagnostics import term_gradients
+from carlrar.diagnostics import diagnosed_backward, term_gradients
 from carlrar.methods import AdversarialConfig, ContrastiveConfig, ReconstructionConfig, freelb_step
 from carlrar.objectives import ContrastiveTerm, ReconstructionTerm
 from carlrar.objectives.reconstruction import reconstruction_loss
@@ -37,6 +37,56 @@ def test_term_gradients_by_hand():
     assert logs["grad_C_encoder"] == 0 and logs["grad_D_top"] == pytest.approx(8 ** 0.5)
     assert logs["cos_C_D"] == pytest.approx((-3 + 8) / 11) and logs["cos_C_D_embeddings"] == pytest.approx(-1)
     assert logs["cos_C_D_top"] == pytest.approx(1)
+
+
+def three_losses(m):
+    e, x, h = m.hf.bert.embeddings.weight, m.hf.bert.encoder.weight, m.heads["x"].weight
+    return {"C": e.sum() + 2 * h.sum(), "D": -e.sum() + (x ** 2).sum(), "R": (e ** 3).sum() + 3 * h.sum()}
+
+
+@pytest.mark.parametrize("unnamed", [0.0, 3.0])  # 3: a term adds to the pass loss without naming its raw loss
+def test_diagnosed_backward_derives_the_last_terms_gradient_and_accumulates_as_the_backward_alone(unnamed):
+    """C, D separately, R as the pass's own gradient minus theirs; under a backward that scales (fp16's loss
+    scale) and on top of earlier passes' gradients, which must end as a plain backward leaves them, bit for bit."""
+    torch.manual_seed(0)
+    m, weights, scale = Tiny(), {"C": 0.5, "D": 1.0, "R": 0.05}, 0.5
+    for p in m.parameters():
+        p.data.normal_()
+    reference = Tiny()
+    reference.load_state_dict(m.state_dict())
+    for model in (m, reference):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.3)  # what earlier passes accumulated
+
+    def total(losses, model):
+        return (sum(weights[k] * v for k, v in losses.items()) + unnamed * model.heads["x"].weight.sum()) * scale
+
+    expected = term_gradients(m, three_losses(m))
+    losses = three_losses(m)
+    logs = diagnosed_backward(m, losses, weights, total(losses, m), scale, lambda loss: (4 * loss).backward())
+    (4 * total(three_losses(reference), reference)).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(m.parameters(), reference.parameters()))
+    assert logs.keys() == expected.keys()
+    for k, v in expected.items():
+        assert logs[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert logs["grad_R_embeddings"] > 0 and logs["cos_C_R"] != pytest.approx(logs["cos_C_D"])
+
+
+def test_diagnosed_freelb_step_trains_exactly_as_an_undiagnosed_one(model_and_batch):  # noqa: F811
+    model, batch = model_and_batch
+    adv = AdversarialConfig(adv_steps=2, adv_init_mag=0.1)
+    term = ReconstructionTerm(ReconstructionConfig(), adv, model)  # adds its head to the model
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for diagnose in (False, True):
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        logs = freelb_step(model, batch, lambda loss: loss.backward(), adv, (term,), scale=0.5, diagnose=diagnose)
+        results.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, logs))
+    (plain, _), (diagnosed, logs) = results
+    assert plain.keys() == diagnosed.keys() and all(torch.equal(plain[n], diagnosed[n]) for n in plain)
+    assert {"diag/grad_C", "diag/grad_R", "diag/cos_C_R"} <= logs.keys() and logs["diag/grad_R"] > 0
 
 
 def test_balanced_weight_scales_a_dominant_term_down_to_the_ratio():

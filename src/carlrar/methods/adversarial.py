@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from carlrar.config import Limits, check, config_field as _f
-from carlrar.diagnostics import term_gradients
+from carlrar.diagnostics import diagnosed_backward
 from carlrar.perturb import ascent_step, init_delta
 
 
@@ -96,21 +96,24 @@ def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale:
         with replay.same_masks():
             out = model(ids, mask, delta=delta)  # embeddings recomputed from the ids on every pass
         loss = F.cross_entropy(out.logits, labels)
-        extra, ascending, held_out, raw = 0.0, 0.0, False, {"C": loss}
+        extra, ascending, held_out, raw, weights = 0.0, 0.0, False, {"C": loss}, {"C": 1 / n}
         for term in terms:
             part = term.pass_loss(model, batch, out, t, n, replay, loss)
             extra = extra + part.value
             ascending, held_out = (ascending + part.value, held_out) if part.ascend else (ascending, True)
             updates += [part.after_backward] if part.after_backward else []
             raw.update(part.raw)
+            weights.update({k: part.weight for k in part.raw})
             for k, v in part.logs.items():
                 logs[k] = logs.get(k, 0.0) + v
-        if diagnose and t == n - 1:
-            logs.update({f"diag/{k}": v for k, v in term_gradients(model, raw).items()})
         ascent_grad = None
         if held_out and t < n - 1:  # δ ascends only the terms of the inner max (e.g. Eq. 7's: L_C alone)
             (ascent_grad,) = torch.autograd.grad(loss / n + ascending, delta, retain_graph=True)
-        backward((loss / n + extra) * scale)
+        if diagnose and t == n - 1:  # the last pass's backward, and its per-term gradients beside it
+            diag = diagnosed_backward(model, raw, weights, (loss / n + extra) * scale, scale, backward)
+            logs.update({f"diag/{k}": v for k, v in diag.items()})
+        else:
+            backward((loss / n + extra) * scale)
         logs["loss"] += loss.item() / n
         if t < n - 1:
             ascent_grad = delta.grad if ascent_grad is None else ascent_grad

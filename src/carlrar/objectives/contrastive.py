@@ -367,7 +367,7 @@ class ContrastiveTerm(ObjectiveTerm):
         if c.carl_weight_ratio > 0:
             logs["carl_weight"] = self.weight
         rows = (index, R.detach(), R_adv.detach())  # written after the backward, which still reads the old rows
-        return TermLoss(self.weight * loss, logs, lambda: self.update_banks(*rows), {"D": loss})
+        return TermLoss(self.weight * loss, logs, lambda: self.update_banks(*rows), {"D": loss}, weight=self.weight)
 
     def update_banks(self, index, R, R_adv):
         """Eq. 5 with every process's rows, so all banks stay identical."""

@@ -196,7 +196,8 @@ class ReconstructionTerm(ObjectiveTerm):
         k = n if c.rar_passes == "all" else 1  # same total weight either way
         logs = {"loss_R": loss.item() / k, **({"rar_weight": self.weight} if c.rar_weight_ratio > 0 and t == n - 1
                                               else {})}
-        return TermLoss(self.weight * loss / k, logs, raw={"R": loss}, ascend=c.rar_ascent == "total")
+        return TermLoss(self.weight * loss / k, logs, raw={"R": loss}, ascend=c.rar_ascent == "total",
+                        weight=self.weight / k)
 
     def before_step(self, step, model, data, collate, batch_size) -> bool:
         """The reconstructor warm-up, once, before RAR's first step. True when it ran (the loop checkpoints)."""

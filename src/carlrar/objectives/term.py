@@ -17,14 +17,15 @@ import torch
 class TermLoss(NamedTuple):
     """One term's contribution to one pass: the value added to the pass loss (already weighted), scalars to log,
     an update to run once the step's last backward is done (it may still need tensors the backward reads), the
-    unweighted loss by name for the gradient diagnostics, and whether δ's ascent includes this term (False: the
-    inner max is over the other terms only)."""
+    unweighted loss by name for the gradient diagnostics, whether δ's ascent includes this term (False: the
+    inner max is over the other terms only), and the factor of the raw loss in the value (value = weight · raw)."""
 
     value: torch.Tensor | float = 0.0
     logs: dict[str, float] = {}
     after_backward: Callable[[], None] | None = None
     raw: dict[str, torch.Tensor] = {}
     ascend: bool = True
+    weight: float = 1.0
 
 
 NOTHING = TermLoss()
