@@ -66,6 +66,17 @@ def test_table4_is_the_projected_attack_at_eps_alpha():
     assert row(extra, "CARL") == "| CARL | -0.5000 ± 0.0000 | 15.000 ± 0.000 |"
 
 
+def test_table2_shows_a_labelled_test_split_only_where_runs_have_one():
+    runs = [make_run("freelb", s) for s in (0, 1)] + [make_run("carl", s) for s in (0, 1)]
+    for r, acc in zip(runs, (0.80, 0.90, 0.70, 0.75)):
+        r["final"]["test"] = {"accuracy": acc}
+    del runs[3]["final"]["test"]  # a seed without one: the cell says how many seeds it has
+    lines = table2(grid(runs))
+    assert "test acc" in lines[2]
+    assert row(lines, "FreeLB").split(" | ")[-2] == "85.00 ± 7.07" and row(lines, "CARL").split(" | ")[-2] == "70.00 [1]"
+    assert "test acc" not in table2(grid([make_run("freelb", 0), make_run("carl", 0)], 1))[2]
+
+
 def test_table4_without_the_papers_alphas_shows_every_eps():
     run = make_run("carl", 0, attack_cos={0.02: 0.99})
     run["attack"]["attacks"] = run["attack"]["attacks"][:1]

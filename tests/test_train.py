@@ -145,3 +145,12 @@ def test_throughput_never_reads_above_the_peak():
     meter.reset()
     meter.add(torch.ones(1, 2, dtype=torch.long))
     assert 0 < meter.read()[1] <= 1.0
+
+
+def test_a_labelled_test_split_is_evaluated_at_the_end_with_the_chosen_checkpoint(tiny_model_dir, toy_files, tmp_path):
+    test = tmp_path / "test.tsv"
+    test.write_text(toy_files["dev"].read_text())  # the dev rows again: the same accuracy as dev's must come out
+    final = train(cfg_for(tiny_model_dir, toy_files, tmp_path / "run", test_file=str(test)))
+    assert final["test"]["accuracy"] == final["dev"]["accuracy"]
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["test"] == final["test"]
+    assert "test" not in train(cfg_for(tiny_model_dir, toy_files, tmp_path / "other"))

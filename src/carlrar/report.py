@@ -193,19 +193,24 @@ def table4_alphas(attack: dict) -> list[float]:
 
 
 def table2(grid: Grid) -> list[str]:
-    """Clean dev accuracy, the validation (selection) accuracy where runs have one, and Δ vs FreeLB."""
+    """Clean dev accuracy, the validation (selection) accuracy and the labelled test split's where runs have them,
+    and Δ vs FreeLB (dev)."""
     acc = lambda r: r["final"]["dev"]["accuracy"]  # noqa: E731
     val = lambda r: (r["final"].get("validation") or {}).get("accuracy")  # noqa: E731
-    with_val = [d for d in grid.datasets if any(val(r) is not None for m in grid.methods for r in grid.runs(d, m))]
+    test = lambda r: (r["final"].get("test") or {}).get("accuracy")  # noqa: E731
+    having = lambda get: [d for d in grid.datasets  # noqa: E731
+                          if any(get(r) is not None for m in grid.methods for r in grid.runs(d, m))]
+    with_val, with_test = having(val), having(test)
     several = len(grid.datasets) > 1
     header = ["method", *grid.datasets, *(f"{d + ' ' if several else ''}validation acc (selection)" for d in with_val),
-              "Δ vs FreeLB"]
+              *(f"{d + ' ' if several else ''}test acc" for d in with_test), "Δ vs FreeLB"]
     rows = []
     for m in grid.methods:
         deltas = [100 * (statistics.mean(map(acc, grid.runs(d, m))) - statistics.mean(map(acc, grid.runs(d, "freelb"))))
                   for d in grid.datasets if m != "freelb" and grid.runs(d, m) and grid.runs(d, "freelb")]
         rows.append([NAMES.get(m, m), *(grid.cell(d, m, acc) for d in grid.datasets),
-                     *(grid.cell(d, m, val) for d in with_val), ", ".join(f"{x:+.2f}" for x in deltas) or "–"])
+                     *(grid.cell(d, m, val) for d in with_val), *(grid.cell(d, m, test) for d in with_test),
+                     ", ".join(f"{x:+.2f}" for x in deltas) or "–"])
     return ["## Table 2: clean dev accuracy (%)", "", *md_table(header, rows)]
 
 
