@@ -31,46 +31,44 @@ def group_of(name: str) -> str:
     return "top"
 
 
-def grouped(named, grads) -> dict[str, torch.Tensor]:
-    """Gradients of the (name, parameter) pairs flattened per group (zeros where a parameter got none)."""
-    out = {}
-    for group in GROUPS:
-        parts = [(g if g is not None else torch.zeros_like(p)).flatten()
-                 for (n, p), g in zip(named, grads) if group_of(n) == group]
-        out[group] = torch.cat(parts) if parts else torch.zeros(0)
-    return out
-
-
 def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def flat_gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """∂loss/∂θ flattened per group; the graph is kept for the real backward."""
-    named = trainable(model)
-    return grouped(named, torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True))
+def parameter_gradients(model, loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """∂loss/∂θ per trainable parameter (None: it gets none); the graph is kept for the real backward."""
+    return list(torch.autograd.grad(loss, [p for _, p in trainable(model)], retain_graph=True, allow_unused=True))
 
 
-def gradient_logs(flat: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """``grad_<term>[_<group>]`` norms and ``cos_<a>_<b>[_<group>]`` cosines of per-group flat gradients."""
+def gradient_logs(model, grads: dict[str, list[torch.Tensor | None]]) -> dict[str, float]:
+    """``grad_<term>[_<group>]`` norms and ``cos_<a>_<b>[_<group>]`` cosines of per-parameter gradients, from dot
+    products summed per group (no gradient-sized concatenation: on MiniLM that took longer than the backward)."""
+    groups = [group_of(n) for n, _ in trainable(model)]
+
+    def dots(a, b) -> dict[str, float]:
+        out = dict.fromkeys(GROUPS, 0.0)
+        for group, x, y in zip(groups, a, b):
+            if x is not None and y is not None:  # summed on the device, read once per group (no sync per tensor)
+                out[group] = out[group] + torch.dot(x.flatten().float(), y.flatten().float())
+        return {group: float(v) for group, v in out.items()}
+
+    squares = {name: dots(g, g) for name, g in grads.items()}
     logs = {}
-    for name, groups in flat.items():
-        logs[f"grad_{name}"] = torch.cat(list(groups.values())).norm().item()
-        for group, g in groups.items():
-            logs[f"grad_{name}_{group}"] = g.norm().item()
-    for a, b in itertools.combinations(flat, 2):
-        whole = [torch.cat(list(flat[x].values())) for x in (a, b)]
-        logs[f"cos_{a}_{b}"] = torch.nn.functional.cosine_similarity(*whole, dim=0).item()
-        for group in GROUPS:
-            logs[f"cos_{a}_{b}_{group}"] = torch.nn.functional.cosine_similarity(
-                flat[a][group], flat[b][group], dim=0).item()
+    for name, sq in squares.items():
+        logs[f"grad_{name}"] = math.sqrt(sum(sq.values()))
+        logs.update({f"grad_{name}_{group}": math.sqrt(sq[group]) for group in GROUPS})
+    for a, b in itertools.combinations(grads, 2):
+        ab = dots(grads[a], grads[b])
+        cos = lambda dot, x, y: dot / max(math.sqrt(x * y), 1e-8)  # noqa: E731 (torch's cosine_similarity's eps)
+        logs[f"cos_{a}_{b}"] = cos(sum(ab.values()), sum(squares[a].values()), sum(squares[b].values()))
+        logs.update({f"cos_{a}_{b}_{group}": cos(ab[group], squares[a][group], squares[b][group]) for group in GROUPS})
     return logs
 
 
 def term_gradients(model, losses: dict[str, torch.Tensor]) -> dict[str, float]:
     """For named unweighted losses (e.g. ``{"C": L_C, "D": L_D}``): each one's gradient taken separately, then
     ``gradient_logs``. Scalars only: they go to the run's diagnostics.jsonl."""
-    return gradient_logs({name: flat_gradients(model, loss) for name, loss in losses.items()})
+    return gradient_logs(model, {name: parameter_gradients(model, loss) for name, loss in losses.items()})
 
 
 def backward_factor(backward, device) -> float:
@@ -83,30 +81,34 @@ def backward_factor(backward, device) -> float:
 
 def diagnosed_backward(model, losses: dict[str, torch.Tensor], weights: dict[str, float], total: torch.Tensor,
                        scale: float, backward) -> dict[str, float]:
-    """The pass's training backward of ``total`` (= ``scale · Σ weights[k] · losses[k]``), and ``term_gradients(model, losses)``
-    at the cost of one backward fewer: every loss's gradient but the last is taken separately; the last is the
-    backward's own gradient (kept apart from what earlier passes accumulated in ``.grad``, then added back to it,
-    bit for bit as the backward alone would) minus the others, over its weight. Exact up to float rounding; a last
-    weight near 0 would amplify that rounding, and a total the weighted losses do not add up to (a term that adds to
-    the pass loss without naming its raw loss) would make the remainder wrong, so then the last is taken separately
-    too."""
+    """The pass's training backward of ``total`` (= ``scale · Σ weights[k] · losses[k]``), and
+    ``term_gradients(model, losses)`` at the cost of one backward fewer: every loss's gradient but the last is
+    taken separately; the last is the backward's own gradient (kept apart from what earlier passes accumulated in
+    ``.grad``, then added back to it, bit for bit as the backward alone would) minus the others, over its weight.
+    Exact up to float rounding; a last weight near 0 would amplify that rounding, and a total the weighted losses
+    do not add up to (a term that adds to the pass loss without naming its raw loss) would make the remainder
+    wrong, so then the last is taken separately too."""
     names = list(losses)
     named_total = float(sum(weights[k] * losses[k].detach() for k in names)) * scale
     accounted = math.isclose(named_total, float(total.detach()), rel_tol=1e-5, abs_tol=1e-8)
     last = names[-1] if accounted and abs(weights[names[-1]]) > 1e-3 else None
-    flat = {name: flat_gradients(model, losses[name]) for name in names if name != last}
+    grads = {name: parameter_gradients(model, losses[name]) for name in names if name != last}
     factor = backward_factor(backward, next(model.parameters()).device) * scale if last else 1.0
-    named = trainable(model)
-    earlier = [p.grad for _, p in named]
-    for _, p in named:
+    params = [p for _, p in trainable(model)]
+    earlier = [p.grad for p in params]
+    for p in params:
         p.grad = None
     backward(total)
-    own = [p.grad for _, p in named]
     if last:
-        passed = grouped(named, own)
-        flat[last] = {g: (passed[g] / factor - sum(weights[k] * flat[k][g] for k in flat)) / weights[last]
-                      for g in GROUPS}
-    for (_, p), before in zip(named, earlier):
+        rest = []
+        for i, p in enumerate(params):
+            own = None if p.grad is None else p.grad / factor
+            for k, g in grads.items():
+                if g[i] is not None:
+                    own = -weights[k] * g[i] if own is None else own - weights[k] * g[i]
+            rest.append(None if own is None else own / weights[last])
+        grads[last] = rest
+    for p, before in zip(params, earlier):
         if before is not None:
             p.grad = before if p.grad is None else p.grad.add_(before)  # a + b == b + a: as if accumulated
-    return gradient_logs({name: flat[name] for name in names})
+    return gradient_logs(model, {name: grads[name] for name in names})
