@@ -49,7 +49,9 @@ def gradient_logs(model, grads: dict[str, list[torch.Tensor | None]]) -> dict[st
         out = dict.fromkeys(GROUPS, 0.0)
         for group, x, y in zip(groups, a, b):
             if x is not None and y is not None:  # summed on the device, read once per group (no sync per tensor)
-                out[group] = out[group] + torch.dot(x.flatten().float(), y.flatten().float())
+                # torch's summation (cascaded), not BLAS's dot: over an 11.7M-row embedding matrix a float32 dot
+                # read norms 0.2 % high
+                out[group] = out[group] + (x.float() * y.float()).sum()
         return {group: float(v) for group, v in out.items()}
 
     squares = {name: dots(g, g) for name, g in grads.items()}
