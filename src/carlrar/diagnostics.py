@@ -54,6 +54,9 @@ def gradient_logs(model, grads: dict[str, list[torch.Tensor | None]]) -> dict[st
                 out[group] = out[group] + (x.float() * y.float()).sum()
         return {group: float(v) for group, v in out.items()}
 
+    def cos(dot, x, y):
+        return dot / max(math.sqrt(x * y), 1e-8)  # torch's cosine_similarity's eps
+
     squares = {name: dots(g, g) for name, g in grads.items()}
     logs = {}
     for name, sq in squares.items():
@@ -61,7 +64,6 @@ def gradient_logs(model, grads: dict[str, list[torch.Tensor | None]]) -> dict[st
         logs.update({f"grad_{name}_{group}": math.sqrt(sq[group]) for group in GROUPS})
     for a, b in itertools.combinations(grads, 2):
         ab = dots(grads[a], grads[b])
-        cos = lambda dot, x, y: dot / max(math.sqrt(x * y), 1e-8)  # noqa: E731 (torch's cosine_similarity's eps)
         logs[f"cos_{a}_{b}"] = cos(sum(ab.values()), sum(squares[a].values()), sum(squares[b].values()))
         logs.update({f"cos_{a}_{b}_{group}": cos(ab[group], squares[a][group], squares[b][group]) for group in GROUPS})
     return logs

@@ -109,11 +109,12 @@ def freelb_step(model, batch, backward, adv: AdversarialConfig, terms=(), scale:
         ascent_grad = None
         if held_out and t < n - 1:  # δ ascends only the terms of the inner max (e.g. Eq. 7's: L_C alone)
             (ascent_grad,) = torch.autograd.grad(loss / n + ascending, delta, retain_graph=True)
+        total = (loss / n + extra) * scale
         if diagnose and t == n - 1:  # the last pass's backward, and its per-term gradients beside it
-            diag = diagnosed_backward(model, raw, weights, (loss / n + extra) * scale, scale, backward)
-            logs.update({f"diag/{k}": v for k, v in diag.items()})
+            logs.update({f"diag/{k}": v for k, v in diagnosed_backward(model, raw, weights, total, scale,
+                                                                       backward).items()})
         else:
-            backward((loss / n + extra) * scale)
+            backward(total)
         logs["loss"] += loss.item() / n
         if t < n - 1:
             ascent_grad = delta.grad if ascent_grad is None else ascent_grad

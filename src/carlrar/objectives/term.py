@@ -77,12 +77,10 @@ def balanced_weight(model, loss_C: torch.Tensor, loss: torch.Tensor, ratio: floa
     paper's fixed weight): a term whose gradient dwarfs L_C's (L_D ≈ 49 × at CARL's start on MiniLM, GUIDE §2) is
     scaled down to the ratio, one that does not keeps the paper's weight. Two extra backward passes of one pass's
     graph (kept for the training backward)."""
+    from carlrar.diagnostics import parameter_gradients
     from carlrar.distributed import all_mean
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    norms = []
-    for value in (loss_C, loss):
-        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    norms = [torch.sqrt(sum((g.float() ** 2).sum() for g in parameter_gradients(model, value) if g is not None))
+             for value in (loss_C, loss)]
     norm_C, norm = all_mean(torch.stack(norms)).tolist()  # one weight on every process
     return min(cap, ratio * norm_C / max(norm, 1e-12))
