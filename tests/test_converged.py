@@ -267,6 +267,19 @@ def test_declared_pairs_must_name_methods_or_variants(tmp_path):
             Protocol.load(str(path))
 
 
+def test_selection_excluded_names_declared_runs_and_rejects_what_is_not_a_method(tmp_path):
+    from carlrar.errors import UserError
+
+    assert Protocol.load("converged").selection_excluded == {"agnews": ["carl", "carl-rar", "rar", "base"]}
+    assert Protocol.load("cpu").selection_excluded == {}
+    for value, match in (([["carl"]], "expected a mapping of dataset"), ({"agnews": "carl"}, "expected a mapping"),
+                         ({"agnews": ["carl-typo"]}, "'carl-typo' is neither a method nor one of the variants")):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"methods": ["carl"], "selection_excluded": value}))
+        with pytest.raises(UserError, match=match):
+            Protocol.load(str(path))
+
+
 def test_selection_seeds_are_the_seeds_the_family_rule_was_declared_on(tmp_path):
     from carlrar.errors import UserError
 

@@ -301,6 +301,25 @@ def test_the_family_rule_ranks_on_the_protocols_selection_seeds_only():
     assert "| CARL − FreeLB (seeds 0, 1) |" in "\n".join(lines)
 
 
+def test_the_family_rule_leaves_out_the_protocols_declared_diagnostics():
+    """The paper's CARL is declared a diagnostic on toy (selection_excluded): its 90 % validation would win, so left
+    out, carl-proj (81 %) is chosen, and the table says what was left out; without the key carl wins."""
+    runs = [make_run("freelb", s) for s in (0, 1)]
+    for name, validation in (("carl", 0.90), ("carl-proj", 0.81), ("carl-nce", 0.80)):
+        for seed in (0, 1):
+            run = make_run(name, seed, config={"method": "carl"})
+            run["final"].update(validation={"accuracy": validation})
+            runs.append(run)
+    best = lambda excluded: [m for m, _, _ in  # noqa: E731
+                             carlrar.report_families.family_best(grid(runs), "toy", excluded=excluded)["carl"]]
+    assert best(["carl"]) == ["carl-proj", "carl-nce"] and best(None) == ["carl", "carl-proj", "carl-nce"]
+    lines = carlrar.report_families.family_tables(grid(runs), "toy", None, ["carl", "rar"])
+    assert row(lines, "CARL") == "| CARL | carl-proj 81.00 (2), carl-nce 80.00 (2) | carl-proj |"
+    text = "\n".join(lines)
+    assert "Left out, declared as diagnostics on toy (the protocol's `selection_excluded`): CARL." in text
+    assert "| carl-proj − FreeLB |" in text and "| CARL − FreeLB |" not in text
+
+
 def test_search_section_by_hand_beside_the_grids_default_run(tmp_path):
     """One row per study: completed trials, the best objective and the median over completed trials, the best trial's
     clean accuracy and knobs, and the grid's default run's clean validation; studies with nothing completed left out."""
@@ -421,6 +440,7 @@ def test_declared_pairs_come_from_the_index_else_from_the_protocol_file_if_found
     assert declared_pairs({"source": str(tmp_path / "gone.yaml")}) == [] and declared_pairs({}) == []
     assert declared({"source": "converged"}, "selection_seeds") == [0, 1, 2]  # a results folder from before the key
     assert declared({"selection_seeds": [0], "source": "converged"}, "selection_seeds") == [0]
+    assert declared({"source": "converged"}, "selection_excluded") == {"agnews": ["carl", "carl-rar", "rar", "base"]}
 
 
 def tradeoff_run(method, seed, clean, robust):

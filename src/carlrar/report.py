@@ -336,13 +336,14 @@ def tables(index: dict, runs: list[dict]) -> str:
     from carlrar.report_pairs import declared, declared_pairs, decomposition_section, pair_section
 
     pairs, selection = declared_pairs(index["protocol"]), declared(index["protocol"], "selection_seeds")
+    excluded = declared(index["protocol"], "selection_excluded") or {}
     planned = [r for r in index["runs"].values() if r.get("method") != "trunk"]  # a trunk is trained, not reported
     lines = ["# carlrar results", "", f"Command: `{index.get('command', '')}`", "",
              f"Runs: {len(runs)} finished of {len(planned)} in the grid; mean ± sample std over seeds (seeds "
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
-                  *bootstrap_tables(grid, d), *family_tables(grid, d, selection), *pair_section(grid, d, pairs),
+                  *bootstrap_tables(grid, d), *family_tables(grid, d, selection, excluded.get(d)), *pair_section(grid, d, pairs),
                   *decomposition_section(grid, d, pairs),
                   *curve_section(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "

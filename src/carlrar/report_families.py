@@ -19,16 +19,19 @@ def robust_validation_accuracy(run: dict) -> float | None:
 
 
 def family_best(grid: Grid, d: str, get: Callable[[dict], float | None] = validation_accuracy,
-                seeds: list[int] | None = None) -> dict[str, list[tuple[str, float, int]]]:
+                seeds: list[int] | None = None, excluded: list[str] | None = None
+                ) -> dict[str, list[tuple[str, float, int]]]:
     """The converged protocol's selection rule: within each family (the registered method its variants run:
     ``freelb``, ``carl``, ``rar``, ``carl-rar``) the variant with the highest mean validation accuracy over its seeds,
     ties to the paper's default (the variant named as the method). Family → candidates (name, mean validation,
     seeds), the chosen first. Variants without a validation split are left out: dev never chooses. ``get``: what is
     compared (clean validation accuracy, the rule; or accuracy under attack on validation, where measured).
     ``seeds``: only these seeds' runs count (the protocol's ``selection_seeds``), so that a variant later run on more
-    seeds is still ranked on the seeds the rule was declared on."""
+    seeds is still ranked on the seeds the rule was declared on. ``excluded``: variants declared as diagnostics on
+    this dataset (the protocol's ``selection_excluded``), reported elsewhere but never candidates."""
     families: dict[str, list[tuple[str, float, int]]] = {}
-    for m in [m for m in grid.methods if grid.runs(d, m)]:  # another dataset's methods may have no run here
+    # another dataset's methods may have no run here
+    for m in [m for m in grid.methods if grid.runs(d, m) and m not in (excluded or [])]:
         runs = [r for r in grid.runs(d, m) if not seeds or r["seed"] in seeds]
         if not runs:
             continue
@@ -40,13 +43,15 @@ def family_best(grid: Grid, d: str, get: Callable[[dict], float | None] = valida
     return {f: sorted(c, key=lambda x: (-x[1], x[0] != f)) for f, c in families.items()}
 
 
-def family_tables(grid: Grid, d: str, seeds: list[int] | None = None) -> list[str]:
+def family_tables(grid: Grid, d: str, seeds: list[int] | None = None, excluded: list[str] | None = None) -> list[str]:
     """Each family's variant chosen on validation (clean, and under attack where measured), and their paired
     bootstraps (dev) vs the protocol's FreeLB and, when the FreeLB family chose another variant (a tuned FreeLB that
     wins on clean validation), vs that one too: a gain counts only against both, since a baseline tuned for clean
     accuracy may be the weaker one under attack. The issue's goal is stated for the best variant, and choosing it on
     dev would flatter it."""
-    best, robust = family_best(grid, d, seeds=seeds), family_best(grid, d, robust_validation_accuracy, seeds)
+    best = family_best(grid, d, seeds=seeds, excluded=excluded)
+    robust = family_best(grid, d, robust_validation_accuracy, seeds, excluded)
+    left_out = [NAMES.get(m, m) for m in excluded or [] if grid.runs(d, m)]
     if not grid.runs(d, "freelb") or not any(len(c) > 1 for c in best.values()):
         return []
     # both rules' choices are bootstrapped, against the protocol's FreeLB and each rule's FreeLB choice
@@ -63,7 +68,9 @@ def family_tables(grid: Grid, d: str, seeds: list[int] | None = None) -> list[st
     lines = ["", f"## Best variant per family ({d}), chosen on validation", "",
              "Mean validation accuracy over seeds (seeds in brackets" + (
                  f"; only seeds {', '.join(map(str, seeds))}, the protocol's `selection_seeds`" if seeds else "")
-             + "); highest wins, ties to the paper's default. "
+             + "); highest wins, ties to the paper's default. " + (
+                 f"Left out, declared as diagnostics on {d} (the protocol's `selection_excluded`): "
+                 f"{', '.join(left_out)}. " if left_out else "") +
              "Dev below is reported, never used to choose." + (
                  f" Beside it, for robustness claims, the same rule on validation accuracy under k-PGD at ε = "
                  f"{under:g} (runs measured with `carlrar attack --split validation` into RESULTS/validation/; a "

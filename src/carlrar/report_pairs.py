@@ -15,7 +15,7 @@ from carlrar.report import (NAMES, Grid, correctness, cosines, example_cos, find
 
 
 def declared(protocol: dict, key: str) -> list:
-    """The index's protocol's ``key`` (``pairs``, ``selection_seeds``); for a results folder from before the key
+    """The index's protocol's ``key`` (``pairs``, ``selection_seeds``, ``selection_excluded``); for a results folder from before the key
     existed, its protocol file's, if still found (these choose what the report shows, not how any run was trained)."""
     if key in protocol:
         return protocol[key] or []

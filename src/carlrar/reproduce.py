@@ -89,6 +89,9 @@ class Protocol:
     # the seeds `carlrar report`'s family rule averages validation over (empty: each variant's all): a protocol that
     # later runs some methods on more seeds keeps the rule it declared on the seeds every variant has
     selection_seeds: list = dataclasses.field(default_factory=list)
+    # dataset → variants the family rule leaves out: runs declared as diagnostics ("no choice is made from them")
+    # are reported beside the others but never become a family's choice
+    selection_excluded: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, name_or_path: str) -> Protocol:
@@ -108,6 +111,7 @@ class Protocol:
                        trunk=data.get("trunk") or {}, branches=list(data.get("branches") or []),
                        branch_steps=int(data.get("branch_steps") or 0), pairs=list(data.get("pairs") or []),
                        selection_seeds=list(data.get("selection_seeds") or []),
+                       selection_excluded=data.get("selection_excluded") or {},
                        text_attack=TextAttackConfig.from_dict(data["text_attack"], f"{path}: text_attack")
                        if data.get("text_attack") else None)
         if protocol.text_attack and protocol.text_attack.rar_samples not in (None, *protocol.methods):
@@ -125,6 +129,13 @@ class Protocol:
                 raise UserError(f"{path}: pairs: {unknown[0]!r} is neither a method nor one of the variants")
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in protocol.selection_seeds):
             raise UserError(f"{path}: selection_seeds: expected a list of integer seeds")
+        excluded = protocol.selection_excluded
+        if not (isinstance(excluded, dict) and all(isinstance(v, list) for v in excluded.values())):
+            raise UserError(f"{path}: selection_excluded: expected a mapping of dataset: [method or variant names]")
+        for names in excluded.values():
+            unknown = [m for m in names if m not in METHODS and m not in protocol.variants]
+            if unknown:
+                raise UserError(f"{path}: selection_excluded: {unknown[0]!r} is neither a method nor one of the variants")
         for dataset in protocol.attack_overrides:  # bad keys or values fail here, before any run
             protocol.attack_for(dataset)
         return protocol
