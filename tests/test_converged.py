@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -326,3 +327,25 @@ def test_freelb_n3_is_the_protocols_freelb_with_three_ascent_steps(tmp_path):
     assert {k for k in freelb if freelb[k] != b[k]} == {"adv_steps", "output_dir"}
     assert (freelb["adv_steps"], b["adv_steps"]) == (2, 3)
     assert b["init_from"] == str(tmp_path / "sst2-trunk-s0") and "freelb-n3" in protocol.branches
+
+
+def test_plateau_replay_by_hand_on_a_trunk_and_branch_curve(tmp_path, capsys):
+    """scripts/plateau-replay.py runs the real rule: curve 80, 85, 84, 84, 90 → patience 1 fires at the first stall
+    (375), 2 at the second (500), 3 never (90 at 625 is a new best, then the run ends at 1,000)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plateau_replay", Path(__file__).parents[1] / "scripts/plateau-replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    curve = [(125, 0.80), (250, 0.85), (375, 0.84), (500, 0.84), (625, 0.90)]
+    assert [replay.replay(curve, k, 1000) for k in (1, 2, 3)] == [375, 500, None]
+    assert replay.replay([(125, 0.8), (250, 0.8)], 1, 250) is None  # a stall at the last step leaves L_D no steps
+    (tmp_path / "trunks").mkdir(), (tmp_path / "runs").mkdir()
+    run = lambda points: {"seed": 0, "dataset": "toy", "curves": [{"step": s, "val_accuracy": a} for s, a in points]}  # noqa: E731
+    (tmp_path / "trunks/toy-trunk-s0.json").write_text(json.dumps(run(curve[:3])))
+    (tmp_path / "runs/toy-freelb-s0.json").write_text(json.dumps(run(curve[3:])))
+    assert replay.main([str(tmp_path), "--patience", "1", "2", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| toy | 0 | 80.00 85.00 84.00 84.00 90.00 | 375 | 500 | never |"
+    assert replay.main([str(tmp_path), str(tmp_path / "nope")]) == 1  # every folder checked before anything prints
+    captured = capsys.readouterr()
+    assert captured.out == "" and "nope: no trunks/ folder" in captured.err
