@@ -37,8 +37,9 @@ def curves(results: Path) -> dict[int, tuple[str, list[tuple[int, float]], bool]
     for trunk in sorted((results / "trunks").glob("*-trunk-s*.json")):
         run = json.loads(trunk.read_text())
         branch = results / "runs" / trunk.name.replace("-trunk-", "-freelb-")
-        points = run["curves"] + (json.loads(branch.read_text())["curves"] if branch.exists() else [])
-        out[run["seed"]] = (run["dataset"], [(c["step"], c["val_accuracy"]) for c in points], branch.exists())
+        branched = branch.exists()
+        points = run["curves"] + (json.loads(branch.read_text())["curves"] if branched else [])
+        out[run["seed"]] = (run["dataset"], [(c["step"], c["val_accuracy"]) for c in points], branched)
     return out
 
 

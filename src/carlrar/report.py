@@ -343,8 +343,8 @@ def tables(index: dict, runs: list[dict]) -> str:
              f"per cell in brackets where fewer than the grid's {grid.n_seeds}).", "", *table2(grid)]
     for d in grid.datasets:
         lines += [*subset_note(grid, d), *table4(grid, d), *table4b(grid, d), *table5(grid, d), *margin_section(grid, d),
-                  *bootstrap_tables(grid, d), *family_tables(grid, d, selection, excluded.get(d)), *pair_section(grid, d, pairs),
-                  *decomposition_section(grid, d, pairs),
+                  *bootstrap_tables(grid, d), *family_tables(grid, d, selection, excluded.get(d)),
+                  *pair_section(grid, d, pairs), *decomposition_section(grid, d, pairs),
                   *curve_section(grid, d), *diagnostics_section(grid, d)]
     lines += [*table7(grid), "", "Training wall-clock per run (s, mean over seeds, incl. CARL's bank fill, not the "
               "attack; on a shared machine these include slow-downs from other jobs, see benchmarks/ for clean "

@@ -14,9 +14,10 @@ from carlrar.report import (NAMES, Grid, correctness, cosines, example_cos, find
                             seed_runs)
 
 
-def declared(protocol: dict, key: str) -> list:
-    """The index's protocol's ``key`` (``pairs``, ``selection_seeds``, ``selection_excluded``); for a results folder from before the key
-    existed, its protocol file's, if still found (these choose what the report shows, not how any run was trained)."""
+def declared(protocol: dict, key: str) -> list | dict:
+    """The index's protocol's ``key`` (``pairs``, ``selection_seeds``, ``selection_excluded``); for a results folder
+    from before the key existed, its protocol file's, if still found (these choose what the report shows, not how any
+    run was trained)."""
     if key in protocol:
         return protocol[key] or []
     from carlrar.reproduce import Protocol

@@ -121,21 +121,22 @@ class Protocol:
             raise UserError(f"{path}: a trunk needs its max_steps and a branch_steps > 0")
         from carlrar.methods import METHODS
 
+        def known(key: str, names: list) -> None:  # report keys name runs: each a method or one of the variants
+            unknown = [m for m in names if m not in METHODS and m not in protocol.variants]
+            if unknown:
+                raise UserError(f"{path}: {key}: {unknown[0]!r} is neither a method nor one of the variants")
+
         for pair in protocol.pairs:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, str) for m in pair)):
                 raise UserError(f"{path}: pairs: expected [A, B] method or variant names, got {pair!r}")
-            unknown = [m for m in pair if m not in METHODS and m not in protocol.variants]
-            if unknown:
-                raise UserError(f"{path}: pairs: {unknown[0]!r} is neither a method nor one of the variants")
+            known("pairs", pair)
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in protocol.selection_seeds):
             raise UserError(f"{path}: selection_seeds: expected a list of integer seeds")
         excluded = protocol.selection_excluded
         if not (isinstance(excluded, dict) and all(isinstance(v, list) for v in excluded.values())):
             raise UserError(f"{path}: selection_excluded: expected a mapping of dataset: [method or variant names]")
         for names in excluded.values():
-            unknown = [m for m in names if m not in METHODS and m not in protocol.variants]
-            if unknown:
-                raise UserError(f"{path}: selection_excluded: {unknown[0]!r} is neither a method nor one of the variants")
+            known("selection_excluded", names)
         for dataset in protocol.attack_overrides:  # bad keys or values fail here, before any run
             protocol.attack_for(dataset)
         return protocol
